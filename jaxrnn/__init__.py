@@ -1,0 +1,20 @@
+"""jaxrnn: recurrent neural networks as pure JAX functions, with hand-written BPTT.
+
+Modules:
+  cells     the recurrences (Elman, LSTM, GRU) behind one `Cell` interface
+  scan      unrolling a cell in time with `lax.scan`
+  backward  the manual BPTT engine and its `jax.custom_vjp`
+  elman     the seed's Elman network: init / step / forward / loss / manual_value_and_grad
+  losses    per-step losses and their hand-derived gradients
+  train     jitted Optax training steps
+"""
+from jaxrnn import activations, backward, cells, data, elman, losses, rnn, scan, train
+from jaxrnn.cells import Cell, elman as elman_cell, gru, lstm
+from jaxrnn.train import make_train_step
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Cell", "activations", "backward", "cells", "data", "elman", "elman_cell", "gru", "losses", "lstm",
+    "make_train_step", "rnn", "scan", "train",
+]

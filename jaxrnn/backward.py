@@ -1,0 +1,130 @@
+"""Manual backpropagation through time for every cell (the seed's sections 3.3-3.4).
+
+Shape legend: `B` batch, `T` time, `H` hidden, `G = num_blocks * H`; time-major `[T, B, ...]`.
+
+The backward pass is a reverse `lax.scan` that carries `dL/dcarry_t` and, at each step, applies the
+cell's hand-derived `pointwise_bwd` and the recurrent Jacobian: `dL/dh_{t-1}` receives
+`(dL/dr_t) @ W`, which for the Elman cell is the seed's `dh_t/dh_{t-1} = diag(f'(z_t)) W`. The scan
+emits only the per-step deltas; the weight gradients are then single contractions over all
+`B x T` positions (`dW = sum_t delta_t h_{t-1}^T` as one einsum), because a matmul per step inside
+the scan would pay the sequential per-step cost for work that has no sequential dependence.
+
+`recurrence` wraps forward and manual backward in `jax.custom_vjp`, so `jax.grad` of any layer
+built on it takes this path; no `jax.grad`/`jax.vjp` is used for the library's own cells.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+
+from jaxrnn.cells.base import Carry, Cell, recurrent_projection
+from jaxrnn.scan import Saved, recurrent_scan
+
+
+def _shift_prev(carry0: Carry, carries: Carry) -> Carry:
+  """`carry_{t-1}` for every t: `[carry0, carries[0], ..., carries[T-2]]`."""
+  return tuple(jnp.concatenate([c0[None], cs[:-1]], axis=0) for c0, cs in zip(carry0, carries))
+
+
+def _pointwise_bwd(cell: Cell):
+  if cell.pointwise_bwd is not None:
+    return cell.pointwise_bwd
+
+  def via_vjp(res, carry_prev, carry, d_carry, a, r):  # user cells without a hand-written backward
+    del res, carry
+    _, pullback = jax.vjp(lambda a_, r_, c_: cell.pointwise(a_, r_, c_)[0], a, r, carry_prev)
+    return pullback(tuple(d_carry))
+  return via_vjp
+
+
+def recurrent_scan_bwd(cell: Cell, params: dict, a: jax.Array, carry0: Carry,
+                       mask: Optional[jax.Array], saved: Saved, d_hs: jax.Array,
+                       d_carry_T: Carry, *, unroll: int = 1
+                       ) -> tuple[dict, jax.Array, Carry]:
+  """The reverse of `recurrent_scan`.
+
+  Args:
+    cell, params, a, carry0, mask: as given to `recurrent_scan`.
+    saved: its `Saved` residuals.
+    d_hs: `[T, B, H]`, `dL/dhs` (the cotangent of the outputs).
+    d_carry_T: tuple of `[B, H]`, the cotangent of the final carry (zeros if unused).
+
+  Returns:
+    `(d_rec_params, d_a [T, B, G], d_carry0)`, where `d_rec_params` has `W` (and `bh` if present).
+  """
+  W = params["W"]
+  bwd = _pointwise_bwd(cell)
+  needs_a = cell.pointwise_bwd is None
+  carries_prev = _shift_prev(carry0, saved.carries)
+  r_all = None
+  if needs_a:
+    r_all = recurrent_projection(params, carries_prev[0])
+
+  def body(d_carry, inputs):
+    d_h, m_t, res, prev, cur, a_t, r_t = inputs
+    if m_t is not None:
+      d_h = jnp.where(m_t[:, None], d_h, 0)
+    d_total = (d_carry[0] + d_h,) + tuple(d_carry[1:])
+    if m_t is not None:  # a masked step copied the carry through unchanged
+      d_new = tuple(jnp.where(m_t[:, None], d, 0) for d in d_total)
+      d_skip = tuple(jnp.where(m_t[:, None], 0, d) for d in d_total)
+    else:
+      d_new = d_total
+    if needs_a:
+      d_a, d_r, d_prev = bwd(res, prev, cur, d_new, a_t, r_t)
+    else:
+      d_a, d_r, d_prev = bwd(res, prev, cur, d_new)
+    d_r = d_a if d_r is None else d_r
+    d_prev = (d_prev[0] + d_r @ W,) + tuple(d_prev[1:])
+    if m_t is not None:
+      d_prev = tuple(p + s for p, s in zip(d_prev, d_skip))
+    return d_prev, (d_a, d_r if d_r is not d_a else None)
+
+  inputs = (d_hs, mask, saved.res, carries_prev, saved.carries, a if needs_a else None, r_all)
+  d_carry0, (d_a, d_r) = jax.lax.scan(body, tuple(d_carry_T), inputs, reverse=True,
+                                      unroll=unroll)
+  d_r = d_a if d_r is None else d_r
+  # Weight gradients: single contractions over all B x T positions, outside the scan.
+  d_rec = {"W": jnp.einsum("tbg,tbh->gh", d_r, carries_prev[0])}
+  if "bh" in params:
+    d_rec["bh"] = jnp.sum(d_r, axis=(0, 1))
+  return d_rec, d_a, d_carry0
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 5))
+def recurrence(cell: Cell, rec_params: dict, a: jax.Array, carry0: Carry,
+               mask: Optional[jax.Array], unroll: int = 1) -> tuple[jax.Array, Carry]:
+  """`recurrent_scan` whose gradient is the manual backward pass (via `jax.custom_vjp`).
+
+  Args:
+    cell: the cell (static).
+    rec_params: `{"W": [G, H]}` plus `"bh": [G]` if the cell has it.
+    a: `[T, B, G]` input projections.
+    carry0: tuple of `[B, H]`.
+    mask: `[T, B]` booleans or None.
+    unroll: static `lax.scan` unroll.
+
+  Returns:
+    `(hs [T, B, H], carry_T)`.
+  """
+  hs, carry_T, _ = recurrent_scan(cell, rec_params, a, carry0, mask, unroll=unroll)
+  return hs, carry_T
+
+
+def _recurrence_fwd(cell, rec_params, a, carry0, mask, unroll):
+  hs, carry_T, saved = recurrent_scan(cell, rec_params, a, carry0, mask, unroll=unroll)
+  return (hs, carry_T), (rec_params, a, carry0, mask, saved)
+
+
+def _recurrence_bwd(cell, unroll, residuals, cotangents):
+  rec_params, a, carry0, mask, saved = residuals
+  d_hs, d_carry_T = cotangents
+  d_rec, d_a, d_carry0 = recurrent_scan_bwd(cell, rec_params, a, carry0, mask, saved, d_hs,
+                                            d_carry_T, unroll=unroll)
+  return d_rec, d_a, d_carry0, None
+
+
+recurrence.defvjp(_recurrence_fwd, _recurrence_bwd)

@@ -1,0 +1,110 @@
+"""The one interface every recurrent cell implements.
+
+Shape legend: `B` batch, `D` input, `H` hidden, `G = num_blocks * H` stacked gate pre-activations.
+
+Every cell here is a *gated affine* recurrence: all the work on `x_t` and `h_{t-1}` is two affine
+maps with stacked gate blocks, and what remains is elementwise::
+
+  a_t = U x_t + b                  [G]   input projection: no time dependence, hoisted out of scan
+  r_t = W h_{t-1} (+ bh)           [G]   recurrent projection: the only matmul inside the scan
+  carry_t, res_t = pointwise(a_t, r_t, carry_{t-1})
+
+`U [G, D]`, `W [G, H]`, `b [G]` carry the seed's names; `bh [G]` is PyTorch's second bias
+(optional for Elman, where the seed has a single `b`).
+
+`pointwise` is the *single definition* of a cell's recurrence. The forward scan, the manual backward
+pass (which re-uses the forward scan's residuals) and step-by-step sampling all call it. The carry
+is always a tuple whose first element is `h_t [B, H]`; LSTM adds `c_t [B, H]`.
+
+`pointwise_bwd` is the hand-derived reverse of `pointwise` for one step::
+
+  pointwise_bwd(res_t, carry_prev, carry_t, d_carry_t) -> (d_a_t, d_r_t, d_carry_prev_direct)
+
+`d_r_t` may be None when it equals `d_a_t` (Elman, LSTM). `d_carry_prev_direct` is the part of the
+cotangent of `carry_{t-1}` that does not flow through `W` (the backward engine adds `d_r_t @ W`).
+A cell that leaves `pointwise_bwd` as None still works everywhere; its backward uses `jax.vjp` of
+`pointwise`.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+
+Carry = tuple  # (h [B, H], ...) : every carry starts with the hidden state h.
+
+
+class Cell(NamedTuple):
+  """A recurrent cell as a bundle of pure functions (compare `optax.GradientTransformation`).
+
+  Attributes:
+    name: a short name, used in messages and by the PyTorch converters.
+    num_blocks: gate blocks stacked in `U`, `W`, `b`: `G = num_blocks * H`.
+    carry_size: number of `[B, H]` arrays in the carry (1 for Elman and GRU, 2 for LSTM).
+    init: `init(key, input_size, hidden_size, dtype) -> params` with `U [G, D]`, `W [G, H]`,
+      `b [G]` and optionally `bh [G]`.
+    pointwise: `pointwise(a_t [B, G], r_t [B, G], carry) -> (carry, res_t)`.
+    pointwise_bwd: the hand-derived reverse of `pointwise` (see the module docstring), or None.
+  """
+  name: str
+  num_blocks: int
+  carry_size: int
+  init: Callable[..., dict]
+  pointwise: Callable[[jax.Array, jax.Array, Carry], tuple[Carry, Any]]
+  pointwise_bwd: Optional[Callable[..., tuple]] = None
+
+
+def uniform_init(key, shape, bound, dtype):
+  return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+
+def torch_style_init(key, num_blocks: int, input_size: int, hidden_size: int, dtype,
+                     two_biases: bool = True) -> dict:
+  """PyTorch's default: every weight and bias ~ uniform(-1/sqrt(H), 1/sqrt(H))."""
+  g = num_blocks * hidden_size
+  bound = 1.0 / hidden_size ** 0.5
+  ku, kw, kb, kbh = jax.random.split(key, 4)
+  params = {
+      "U": uniform_init(ku, (g, input_size), bound, dtype),
+      "W": uniform_init(kw, (g, hidden_size), bound, dtype),
+      "b": uniform_init(kb, (g,), bound, dtype),
+  }
+  if two_biases:
+    params["bh"] = uniform_init(kbh, (g,), bound, dtype)
+  return params
+
+
+def zeros_carry(cell: Cell, batch_shape: tuple[int, ...], hidden_size: int, dtype) -> Carry:
+  """The seed's `h_0 = 0` (and `c_0 = 0` for LSTM): a tuple of `[*batch_shape, H]` zeros."""
+  return tuple(jnp.zeros((*batch_shape, hidden_size), dtype) for _ in range(cell.carry_size))
+
+
+def step(cell: Cell, params: dict, carry: Carry, x: jax.Array) -> tuple[Carry, jax.Array]:
+  """One step of `cell` on a raw input, in `lax.scan` convention.
+
+  Args:
+    cell: the cell.
+    params: its params (`U`, `W`, `b`, optional `bh`).
+    carry: tuple of `[B, H]` (or `[H]`).
+    x: `[B, D]` (or `[D]`).
+
+  Returns:
+    `(carry_t, h_t)`; `h_t` has the shape of `carry[0]`.
+  """
+  a = add_bias(x @ params["U"].T, params["b"])
+  carry, _ = cell.pointwise(a, recurrent_projection(params, carry[0]), carry)
+  return carry, carry[0]
+
+
+def recurrent_projection(params: dict, h: jax.Array) -> jax.Array:
+  """`r_t = W h_{t-1} + bh` ([..., G]); `bh` is optional."""
+  r = h @ params["W"].T
+  if "bh" in params:
+    r = add_bias(r, params["bh"])
+  return r
+
+
+def add_bias(x: jax.Array, bias: jax.Array) -> jax.Array:
+  """`x [..., G] + bias [G]` with the broadcast written out (rank promotion stays explicit)."""
+  return x + jnp.reshape(bias, (1,) * (x.ndim - 1) + bias.shape)

@@ -1,0 +1,330 @@
+"""Sequence layers for every cell: stacks, bidirectional layers, variable lengths, initial states.
+
+Shape legend: `B` batch (optional), `T` time, `D` input, `H` hidden, `O` output, `L` layers,
+`K = L * num_directions` (PyTorch's layout of `h_n`), `G = num_blocks * H`.
+
+A model is a static, hashable `RNN` spec (sizes, cell, options) plus a params pytree::
+
+  {"layers": [{"fwd": cell_params, "bwd": cell_params (bidirectional only)}, ...  # L entries
+   "V": [O, dirs * H], "c": [O],            # the seed's readout, if output_size is set
+   "carry0": [carry_size, K, H]}            # if learn_initial_state
+
+Carries follow PyTorch's `h_n` layout: `[K, B, H]` for Elman and GRU, a tuple `(h, c)` of those for
+LSTM (`[K, H]` without a batch axis). Every feature works for any `Cell`, including user cells.
+
+Example:
+  >>> spec = rnn("lstm", input_size=8, hidden_size=32, num_layers=2, bidirectional=True,
+  ...            output_size=5)
+  >>> params = init(jax.random.key(0), spec)
+  >>> ys, carry = apply(spec, params, xs, lengths=lengths)     # xs [B, T, 8] -> ys [B, T, 64]
+  >>> value = loss(spec, params, xs, targets, loss="xent", lengths=lengths)
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import NamedTuple, Optional, Union
+
+import jax
+import jax.numpy as jnp
+
+from jaxrnn import _checks, losses
+from jaxrnn.backward import recurrence
+from jaxrnn.cells import base
+from jaxrnn.cells.base import Cell
+from jaxrnn.cells.elman import elman
+from jaxrnn.cells.gru import gru
+from jaxrnn.cells.lstm import lstm
+from jaxrnn.scan import project, recurrent_scan
+
+CELL_NAMES = {"elman": lambda: elman("tanh"), "elman_relu": lambda: elman("relu"),
+              "lstm": lstm, "gru": gru}
+
+
+class RNN(NamedTuple):
+  """Static configuration of a recurrent model (hashable: safe to close over or mark static).
+
+  Attributes:
+    cell: the `Cell`.
+    input_size: `D`.
+    hidden_size: `H`.
+    num_layers: `L >= 1` stacked layers; layer `l > 0` reads layer `l - 1`'s outputs.
+    bidirectional: run each layer forward and backward in time, concatenating outputs `[..., 2H]`.
+    output_size: `O` for the seed's readout `V h_t + c` on the top layer, or None for no readout.
+    dropout: dropout rate on the outputs of every layer but the last (as PyTorch), applied only
+      when a PRNG key is passed.
+    learn_initial_state: the initial carry is a trained parameter `carry0` instead of zeros.
+  """
+  cell: Cell
+  input_size: int
+  hidden_size: int
+  num_layers: int = 1
+  bidirectional: bool = False
+  output_size: Optional[int] = None
+  dropout: float = 0.0
+  learn_initial_state: bool = False
+
+  @property
+  def num_directions(self) -> int:
+    return 2 if self.bidirectional else 1
+
+  @property
+  def directions(self) -> tuple[str, ...]:
+    return ("fwd", "bwd") if self.bidirectional else ("fwd",)
+
+
+def rnn(cell: Union[str, Cell], input_size: int, hidden_size: int, *, num_layers: int = 1,
+        bidirectional: bool = False, output_size: Optional[int] = None, dropout: float = 0.0,
+        learn_initial_state: bool = False) -> RNN:
+  """Build a validated `RNN` spec. `cell` is "elman", "elman_relu", "lstm", "gru" or a `Cell`."""
+  if isinstance(cell, str):
+    cell = CELL_NAMES[_checks.check_choice("cell", cell, CELL_NAMES)]()
+  elif not isinstance(cell, Cell):
+    raise TypeError(f"cell must be one of {sorted(CELL_NAMES)} or a jaxrnn.Cell; got "
+                    f"{type(cell).__name__}.")
+  _checks.check_positive_int("input_size", input_size)
+  _checks.check_positive_int("hidden_size", hidden_size)
+  _checks.check_positive_int("num_layers", num_layers)
+  if output_size is not None:
+    _checks.check_positive_int("output_size", output_size)
+  if not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
+    raise ValueError(f"dropout must be a rate in [0, 1); got {dropout!r}.")
+  return RNN(cell, int(input_size), int(hidden_size), int(num_layers), bool(bidirectional),
+             output_size, float(dropout), bool(learn_initial_state))
+
+
+def _check_spec(spec) -> None:
+  if not isinstance(spec, RNN):
+    raise TypeError(f"spec must be a jaxrnn.rnn.RNN built by jaxrnn.rnn.rnn(...); got "
+                    f"{type(spec).__name__}.")
+
+
+def init(key: jax.Array, spec: RNN, *, dtype=jnp.float32) -> dict:
+  """Initial params for `spec` (each cell's own init; readout uniform(+-1/sqrt(fan_in)))."""
+  _check_spec(spec)
+  _checks.check_key("key", key)
+  keys = jax.random.split(key, spec.num_layers * spec.num_directions + 2)
+  layers, k = [], 0
+  for layer in range(spec.num_layers):
+    d = spec.input_size if layer == 0 else spec.hidden_size * spec.num_directions
+    entry = {}
+    for direction in spec.directions:
+      entry[direction] = spec.cell.init(keys[k], d, spec.hidden_size, dtype)
+      k += 1
+    layers.append(entry)
+  params = {"layers": layers}
+  if spec.output_size is not None:
+    fan_in = spec.hidden_size * spec.num_directions
+    kv, kc = jax.random.split(keys[-1])
+    bound = 1.0 / fan_in ** 0.5
+    params["V"] = base.uniform_init(kv, (spec.output_size, fan_in), bound, dtype)
+    params["c"] = base.uniform_init(kc, (spec.output_size,), bound, dtype)
+  if spec.learn_initial_state:
+    k_layers = spec.num_layers * spec.num_directions
+    params["carry0"] = jnp.zeros((spec.cell.carry_size, k_layers, spec.hidden_size), dtype)
+  return params
+
+
+def check_params(spec: RNN, params) -> None:
+  """Raise a ValueError naming the first key or leaf of `params` that does not fit `spec`."""
+  if not isinstance(params, Mapping) or "layers" not in params:
+    raise ValueError("params must be a dict with a 'layers' list (from jaxrnn.rnn.init); got "
+                     f"{type(params).__name__} with keys {sorted(params) if isinstance(params, Mapping) else '-'}.")
+  expected_top = {"layers"} | ({"V", "c"} if spec.output_size is not None else set()) | (
+      {"carry0"} if spec.learn_initial_state else set())
+  if set(params) != expected_top:
+    raise ValueError(f"params must have keys {sorted(expected_top)} for this spec; missing "
+                     f"{sorted(expected_top - set(params))}, unexpected "
+                     f"{sorted(set(params) - expected_top)}.")
+  layers = params["layers"]
+  if not isinstance(layers, Sequence) or len(layers) != spec.num_layers:
+    n = len(layers) if isinstance(layers, Sequence) else type(layers).__name__
+    raise ValueError(f"params['layers'] must be a list of num_layers={spec.num_layers} entries; "
+                     f"got {n}.")
+  h, g = spec.hidden_size, spec.cell.num_blocks * spec.hidden_size
+  for i, entry in enumerate(layers):
+    d = spec.input_size if i == 0 else h * spec.num_directions
+    if not isinstance(entry, Mapping) or set(entry) != set(spec.directions):
+      raise ValueError(f"params['layers'][{i}] must have keys {list(spec.directions)}; got "
+                       f"{sorted(entry) if isinstance(entry, Mapping) else type(entry).__name__}.")
+    for direction in spec.directions:
+      _checks.check_params(f"params['layers'][{i}][{direction!r}]", entry[direction],
+                           {"U": (g, d), "W": (g, h), "b": (g,)}, optional={"bh": (g,)})
+  if spec.output_size is not None:
+    _checks.check_shape("params['V']", params["V"], (spec.output_size, h * spec.num_directions))
+    _checks.check_shape("params['c']", params["c"], (spec.output_size,))
+  if spec.learn_initial_state:
+    _checks.check_shape("params['carry0']", params["carry0"],
+                        (spec.cell.carry_size, spec.num_layers * spec.num_directions, h))
+
+
+def _validate_inputs(spec, xs, carry0, lengths, mask, key):
+  """Return `(batch_shape, T)` after checking every input against `spec`."""
+  batch_shape, t = _checks.check_sequence_input("xs", xs, spec.input_size)
+  if lengths is not None and mask is not None:
+    raise ValueError("pass at most one of lengths [B] and mask [B, T]; got both.")
+  if lengths is not None:
+    _checks.check_shape("lengths", lengths, batch_shape, " (one length per sequence)")
+    _checks.check_int("lengths", lengths)
+    if not isinstance(lengths, jax.core.Tracer):
+      import numpy as np
+      arr = np.asarray(lengths)
+      if arr.size and (arr.min() < 1 or arr.max() > t):
+        raise ValueError(f"lengths must lie in [1, T={t}]; got min {arr.min()}, max {arr.max()}.")
+  if mask is not None:
+    _checks.check_shape("mask", mask, (*batch_shape, t), " (True at the valid steps)")
+  k = spec.num_layers * spec.num_directions
+  if carry0 is not None:
+    want = (k, *batch_shape, spec.hidden_size)
+    if spec.cell.carry_size == 1:
+      if isinstance(carry0, (tuple, list)):
+        raise ValueError(f"carry0 for {spec.cell.name} must be one array of shape {list(want)}; "
+                         f"got a {type(carry0).__name__} of {len(carry0)}.")
+      _checks.check_shape("carry0", carry0, want, " ([num_layers * num_directions, B, H])")
+      _checks.check_float("carry0", carry0)
+    else:
+      if not isinstance(carry0, (tuple, list)) or len(carry0) != spec.cell.carry_size:
+        raise ValueError(f"carry0 for {spec.cell.name} must be a tuple of "
+                         f"{spec.cell.carry_size} arrays (h0, c0), each {list(want)}; got "
+                         f"{type(carry0).__name__}.")
+      for j, part in enumerate(carry0):
+        _checks.check_shape(f"carry0[{j}]", part, want, " ([num_layers * num_directions, B, H])")
+        _checks.check_float(f"carry0[{j}]", part)
+  if key is not None:
+    _checks.check_key("key", key)
+  return batch_shape, t
+
+
+def _reverse_index(lengths, t):
+  """`[B, T]` indices that reverse each sequence's first `lengths[b]` steps (an involution)."""
+  steps = jnp.arange(t)[None, :]
+  return jnp.where(steps < lengths[:, None], lengths[:, None] - 1 - steps, steps)
+
+
+def _time_gather(x, idx):
+  """`x [B, T, ...]` reordered along time by `idx [B, T]`."""
+  idx = idx.reshape(idx.shape + (1,) * (x.ndim - 2))
+  return jnp.take_along_axis(x, idx, axis=1)
+
+
+def _run_direction(cell, params, xs, carry0, mask_tm, backward, unroll):
+  a = project(params, xs)
+  if backward == "manual":
+    rec = {k: params[k] for k in ("W", "bh") if k in params}
+    hs, carry_T = recurrence(cell, rec, a, carry0, mask_tm, unroll)
+  else:
+    hs, carry_T, _ = recurrent_scan(cell, params, a, carry0, mask_tm, unroll=unroll)
+  return jnp.swapaxes(hs, 0, 1), carry_T
+
+
+def apply(spec: RNN, params: dict, xs: jax.Array, carry0=None, *, lengths=None, mask=None,
+          key: Optional[jax.Array] = None, backward: str = "manual", unroll: int = 1):
+  """Run the stack over `xs`.
+
+  Args:
+    spec: the `RNN` spec.
+    params: from `init(key, spec)` (or converted from PyTorch).
+    xs: `[B, T, D]` or `[T, D]`.
+    carry0: the initial carry in PyTorch's layout: `[K, B, H]` (`[K, H]` unbatched), a tuple
+      `(h0, c0)` of those for LSTM. Default: learned `carry0` if the spec has one, else zeros.
+    lengths: `[B]` (or scalar-free `[]` for one sequence) integers in `[1, T]`: steps past a
+      sequence's end do not update its state and output zeros; the reverse direction reverses
+      only the valid part. Mutually exclusive with `mask`.
+    mask: `[B, T]` (or `[T]`) booleans, True where a step is valid: a masked step leaves the state
+      unchanged and outputs zeros. With `bidirectional`, the mask must be a prefix (lengths).
+    key: PRNG key enabling dropout between layers; None means no dropout (evaluation).
+    backward: "manual" (hand-written BPTT via `custom_vjp`, default) or "autodiff".
+    unroll: `lax.scan` unroll factor.
+
+  Returns:
+    `(hs, carry_T)`: top-layer outputs `[..., T, dirs * H]` and the final carry in `carry0`'s
+    layout (for each sequence, the state after its last valid step).
+  """
+  _check_spec(spec)
+  check_params(spec, params)
+  batch_shape, t = _validate_inputs(spec, xs, carry0, lengths, mask, key)
+  _checks.check_choice("backward", backward, ("manual", "autodiff"))
+  batched = len(batch_shape) == 1
+  if not batched:
+    xs = xs[None]
+    lengths = None if lengths is None else jnp.reshape(lengths, (1,))
+    mask = None if mask is None else mask[None]
+    if carry0 is not None:
+      carry0 = jax.tree.map(lambda c: c[:, None], carry0)
+  b = xs.shape[0]
+  dtype = jnp.result_type(xs, params["layers"][0]["fwd"]["W"])
+  k_total = spec.num_layers * spec.num_directions
+  if carry0 is None:
+    if spec.learn_initial_state:
+      carry0 = tuple(jnp.broadcast_to(c[:, None, :], (k_total, b, spec.hidden_size))
+                     for c in params["carry0"])
+    else:
+      carry0 = tuple(jnp.zeros((k_total, b, spec.hidden_size), dtype)
+                     for _ in range(spec.cell.carry_size))
+  elif spec.cell.carry_size == 1:
+    carry0 = (carry0,)
+  carry0 = tuple(carry0)
+
+  if mask is not None:
+    mask = jnp.asarray(mask, bool)
+  if lengths is not None:
+    mask = jnp.arange(t)[None, :] < lengths[:, None]
+  rev_idx = None
+  if spec.bidirectional:
+    lens = (jnp.full((b,), t, jnp.int32) if mask is None
+            else jnp.sum(mask, axis=1, dtype=jnp.int32))
+    rev_idx = _reverse_index(lens, t)
+  mask_tm = None if mask is None else mask.T
+
+  finals = [[] for _ in range(spec.cell.carry_size)]
+  layer_in = xs
+  for layer, entry in enumerate(params["layers"]):
+    outs = []
+    for j, direction in enumerate(spec.directions):
+      k = layer * spec.num_directions + j
+      c0 = tuple(c[k] for c in carry0)
+      x_dir = layer_in if direction == "fwd" else _time_gather(layer_in, rev_idx)
+      hs, carry_T = _run_direction(spec.cell, entry[direction], x_dir, c0, mask_tm, backward,
+                                   unroll)
+      outs.append(hs if direction == "fwd" else _time_gather(hs, rev_idx))
+      for part, c in zip(finals, carry_T):
+        part.append(c)
+    layer_in = outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=-1)
+    if key is not None and spec.dropout > 0 and layer < spec.num_layers - 1:
+      key, sub = jax.random.split(key)
+      keep = jax.random.bernoulli(sub, 1.0 - spec.dropout, layer_in.shape)
+      layer_in = jnp.where(keep, layer_in / (1.0 - spec.dropout), 0)
+  carry_T = tuple(jnp.stack(part) for part in finals)
+  if not batched:
+    layer_in = layer_in[0]
+    carry_T = tuple(c[:, 0] for c in carry_T)
+  return layer_in, (carry_T[0] if spec.cell.carry_size == 1 else carry_T)
+
+
+def readout(spec: RNN, params: dict, hs: jax.Array) -> jax.Array:
+  """The seed's readout `z_t = V h_t + c`: `[..., T, dirs * H] -> [..., T, O]` (logits, before g)."""
+  if spec.output_size is None:
+    raise ValueError("readout needs a spec with output_size set; got output_size=None.")
+  return base.add_bias(hs @ params["V"].T, params["c"])
+
+
+def loss(spec: RNN, params: dict, xs: jax.Array, targets: jax.Array, carry0=None, *,
+         loss: str = "mse", lengths=None, mask=None, key=None, backward: str = "manual",
+         unroll: int = 1) -> jax.Array:
+  """`L = (1/B) sum_b sum_t m_bt L_bt` on the readout (see `jaxrnn.losses`); a scalar.
+
+  Steps past `lengths` (or where `mask` is False) do not count. Other args as in `apply`;
+  `targets` is `[..., T, O]` floats, or `[..., T]` integer classes for "xent".
+  """
+  _check_spec(spec)
+  if spec.output_size is None:
+    raise ValueError("loss needs a spec with output_size set (a readout); got output_size=None.")
+  _checks.check_sequence_input("xs", xs, spec.input_size)
+  batch_time = _checks.shape_of(xs)[:-1]
+  losses.check_targets(loss, targets, batch_time, spec.output_size)
+  hs, _ = apply(spec, params, xs, carry0, lengths=lengths, mask=mask, key=key,
+                backward=backward, unroll=unroll)
+  weights = mask
+  if lengths is not None:
+    steps = jnp.arange(batch_time[-1]).reshape((1,) * (len(batch_time) - 1) + (-1,))
+    weights = steps < jnp.asarray(lengths)[..., None]
+  return losses.total_loss(readout(spec, params, hs), targets, loss, weights)
