@@ -252,15 +252,9 @@ def apply(spec: RNN, params: dict, xs: jax.Array, carry0=None, *, lengths=None, 
       carry0 = jax.tree.map(lambda c: c[:, None], carry0)
   b = xs.shape[0]
   dtype = jnp.result_type(xs, params["layers"][0]["fwd"]["W"])
-  k_total = spec.num_layers * spec.num_directions
   if carry0 is None:
-    if spec.learn_initial_state:
-      carry0 = tuple(jnp.broadcast_to(c[:, None, :], (k_total, b, spec.hidden_size))
-                     for c in params["carry0"])
-    else:
-      carry0 = tuple(jnp.zeros((k_total, b, spec.hidden_size), dtype)
-                     for _ in range(spec.cell.carry_size))
-  elif spec.cell.carry_size == 1:
+    carry0 = initial_carry(spec, params, (b,), dtype)
+  if spec.cell.carry_size == 1:
     carry0 = (carry0,)
   carry0 = tuple(carry0)
 
@@ -298,6 +292,57 @@ def apply(spec: RNN, params: dict, xs: jax.Array, carry0=None, *, lengths=None, 
     layer_in = layer_in[0]
     carry_T = tuple(c[:, 0] for c in carry_T)
   return layer_in, (carry_T[0] if spec.cell.carry_size == 1 else carry_T)
+
+
+def initial_carry(spec: RNN, params: dict, batch_shape: tuple[int, ...] = (), dtype=None):
+  """The default initial carry (learned `carry0` if the spec has one, else zeros).
+
+  Returns:
+    `[K, *batch_shape, H]`, or a tuple `(h0, c0)` of those for LSTM.
+  """
+  _check_spec(spec)
+  k = spec.num_layers * spec.num_directions
+  shape = (k, *batch_shape, spec.hidden_size)
+  dtype = dtype or params["layers"][0]["fwd"]["W"].dtype
+  if spec.learn_initial_state:
+    parts = tuple(jnp.broadcast_to(c.reshape((k,) + (1,) * len(batch_shape) + (-1,)), shape)
+                  for c in params["carry0"])
+  else:
+    parts = tuple(jnp.zeros(shape, dtype) for _ in range(spec.cell.carry_size))
+  return parts[0] if spec.cell.carry_size == 1 else parts
+
+
+def step(spec: RNN, params: dict, carry, x: jax.Array):
+  """One time step of a unidirectional stack, in `lax.scan` convention (for sampling).
+
+  Uses each cell's single `pointwise` definition, exactly as `apply` does; no dropout.
+
+  Args:
+    spec: a unidirectional `RNN`.
+    params: its params.
+    carry: `[L, B, H]` (`[L, H]` unbatched), or `(h, c)` of those for LSTM.
+    x: `[B, D]` or `[D]`.
+
+  Returns:
+    `(carry, h_top)`, `h_top` `[B, H]` (or `[H]`); feed it to `readout` for logits.
+  """
+  _check_spec(spec)
+  if spec.bidirectional:
+    raise ValueError("step needs a unidirectional spec (bidirectional=False): the reverse "
+                     "direction needs the whole sequence; got bidirectional=True.")
+  _checks.check_float("x", x)
+  if _checks.shape_of(x)[-1:] != (spec.input_size,) or len(_checks.shape_of(x)) not in (1, 2):
+    raise ValueError(f"x must have shape [B, {spec.input_size}] or [{spec.input_size}]; got "
+                     f"{list(_checks.shape_of(x))}.")
+  parts = (carry,) if spec.cell.carry_size == 1 else tuple(carry)
+  new_parts = [[] for _ in parts]
+  h = x
+  for layer, entry in enumerate(params["layers"]):
+    layer_carry, h = base.step(spec.cell, entry["fwd"], tuple(p[layer] for p in parts), h)
+    for acc, c in zip(new_parts, layer_carry):
+      acc.append(c)
+  new = tuple(jnp.stack(acc) for acc in new_parts)
+  return (new[0] if spec.cell.carry_size == 1 else new), h
 
 
 def readout(spec: RNN, params: dict, hs: jax.Array) -> jax.Array:
