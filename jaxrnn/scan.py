@@ -16,7 +16,7 @@ from typing import Any, NamedTuple, Optional
 import jax
 import jax.numpy as jnp
 
-from jaxrnn.cells.base import Carry, Cell, add_bias, recurrent_projection
+from jaxrnn.cells.base import Carry, Cell, add_bias, recurrent_projector
 
 
 class Saved(NamedTuple):
@@ -68,11 +68,11 @@ def recurrent_scan(cell: Cell, params: dict, a: jax.Array, carry0: Carry,
     `(hs [T, B, H], carry_T, saved)`: outputs, final carry (the state after the last valid step),
     and the `Saved` residuals for the manual backward pass.
   """
-  rec_params = {k: params[k] for k in ("W", "bh") if k in params}
+  project_h = recurrent_projector(params)
 
   def body(carry, inputs):
     a_t, m_t = inputs
-    new, res = cell.pointwise(a_t, recurrent_projection(rec_params, carry[0]), carry)
+    new, res = cell.pointwise(a_t, project_h(carry[0]), carry)
     if m_t is not None:
       new = tuple(jnp.where(m_t[:, None], n, o) for n, o in zip(new, carry))
     return new, (new, res)

@@ -24,6 +24,14 @@ is always a tuple whose first element is `h_t [B, H]`; LSTM adds `c_t [B, H]`.
 cotangent of `carry_{t-1}` that does not flow through `W` (the backward engine adds `d_r_t @ W`).
 A cell that leaves `pointwise_bwd` as None still works everywhere; its backward uses `jax.vjp` of
 `pointwise`.
+
+Two optional generalisations, both off by default so the classic cells are unchanged:
+
+- `recurrent_weights=False`: the cell has no `W` (nor `bh`); its only dependence on `h_{t-1}` is
+  elementwise, inside `pointwise` (minGRU). Its params are just `U [G, D]`, `b [G]`, the engine
+  passes `r_t = None` to `pointwise`, ignores `d_r_t`, and adds no `d_r_t @ W` term.
+- `parallel_scan`: the whole recurrence computed in `O(log T)` depth (an associative scan), a
+  drop-in for the sequential engine with the same masking rules (`jaxrnn.rnn.apply(impl="parallel")`).
 """
 from __future__ import annotations
 
@@ -46,13 +54,20 @@ class Cell(NamedTuple):
       `b [G]` and optionally `bh [G]`.
     pointwise: `pointwise(a_t [B, G], r_t [B, G], carry) -> (carry, res_t)`.
     pointwise_bwd: the hand-derived reverse of `pointwise` (see the module docstring), or None.
+    recurrent_weights: False for a cell without `W`/`bh` (e.g. minGRU): `pointwise` then receives
+      `r_t = None` and `init` returns only `U` and `b`.
+    parallel_scan: `parallel_scan(a [T, B, G], carry0, mask [T, B] or None, *, backward) ->
+      (hs [T, B, H], carry_T)`, the recurrence in `O(log T)` depth with the same results (and
+      masking rules) as `jaxrnn.scan.recurrent_scan`; None if the cell has no parallel form.
   """
   name: str
   num_blocks: int
   carry_size: int
   init: Callable[..., dict]
-  pointwise: Callable[[jax.Array, jax.Array, Carry], tuple[Carry, Any]]
+  pointwise: Callable[[jax.Array, Optional[jax.Array], Carry], tuple[Carry, Any]]
   pointwise_bwd: Optional[Callable[..., tuple]] = None
+  recurrent_weights: bool = True
+  parallel_scan: Optional[Callable[..., tuple]] = None
 
 
 def uniform_init(key, shape, bound, dtype):
@@ -97,12 +112,29 @@ def step(cell: Cell, params: dict, carry: Carry, x: jax.Array) -> tuple[Carry, j
   return carry, carry[0]
 
 
-def recurrent_projection(params: dict, h: jax.Array) -> jax.Array:
-  """`r_t = W h_{t-1} + bh` ([..., G]); `bh` is optional."""
+def recurrent_projection(params: dict, h: jax.Array) -> Optional[jax.Array]:
+  """`r_t = W h_{t-1} + bh` ([..., G]); `bh` is optional; None for a cell without `W`."""
+  if "W" not in params:  # recurrent_weights=False (minGRU): nothing to project
+    return None
   r = h @ params["W"].T
   if "bh" in params:
     r = add_bias(r, params["bh"])
   return r
+
+
+def recurrent_projector(params: dict):
+  """`h -> W h + bh` with `W` transposed once, outside any loop that calls it.
+
+  Inside a `lax.scan` body, `h @ W.T` made XLA (CPU) copy-transpose `W` on every step; handing the
+  body a pre-transposed `W^T [H, G]` removes that copy (see experiments/PERF_NOTES.md).
+  """
+  if "W" not in params:  # recurrent_weights=False (minGRU): r_t is None
+    return lambda h: None
+  w_t = params["W"].T
+  bias = params.get("bh")
+  if bias is None:
+    return lambda h: h @ w_t
+  return lambda h: add_bias(h @ w_t, bias)
 
 
 def add_bias(x: jax.Array, bias: jax.Array) -> jax.Array:
