@@ -1,0 +1,490 @@
+"""Benchmark one RNN training step (forward, loss, BPTT, Adam; float32) of jaxrnn against its peers.
+
+For each (cell, config) every implementation in `peers.py` is built on the same fixed data, then:
+
+1. first call: the time of the first step (trace + compile + run for JAX; one step for PyTorch);
+2. warm-up: a few more steps, one at a time; the losses must be finite and decrease (checked and
+   reported; an implementation that fails the check is still timed, and flagged);
+3. `N` steps per repeat, `N` chosen from the warm-up so that one repeat takes about `--target-s`;
+4. `--repeats` interleaved repeats: each repeat times `N` steps of every implementation in turn
+   (the order rotates by one each repeat), blocking on the results at the end of the `N` steps;
+   the reported ms/step is the median over repeats.
+
+Reported per implementation: ms/step, tokens/s (`B T` per step), first-call seconds, achieved
+GFLOP/s from the analytic count of `peers.step_flops` (matmuls only: forward
+`F = 2 B T (G H (D + H) + H O)` with `G` = 1 / 4 / 3 gate blocks for elman / lstm / gru, and the
+step counted as `3 F`), and, with `--measure-memory`, peak RSS. Per (cell, config): the ratio
+`ms(fastest peer) / ms(jaxrnn)`, so > 1 means jaxrnn's default (manual BPTT) path is faster.
+Also measured once: the JAX float32 2048^3 matmul rate, the machine's practical peak.
+
+Memory (`--measure-memory`): each implementation runs alone in a fresh subprocess that imports its
+framework, builds, makes the first call and 3 more steps; `peak_rss_mb` is that process's peak
+RSS, `VmHWM` of /proc/self/status (whole process: interpreter, framework, compiled code, data,
+activations; not `ru_maxrss`, which Linux carries over from the parent across fork + exec) and
+`peak_rss_delta_mb` is the peak minus the RSS measured just after the imports, i.e. what building,
+compiling and training added. The timing process itself is not used for memory: its high-water mark
+is shared by every implementation.
+
+Usage (from the repository root):
+  python experiments/bench/bench.py --quick                      # < 2 minutes on 2 cores
+  python experiments/bench/bench.py --json runs/bench.json --markdown runs/bench.md
+  python experiments/bench/bench.py --cells lstm --configs large --impls jaxrnn,torch,flax-linen
+  python experiments/bench/bench.py --measure-memory --json runs/bench.json
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import gc
+import importlib.metadata
+import json
+import math
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+try:
+  from . import peers
+except ImportError:  # run as a script: python experiments/bench/bench.py
+  import peers
+
+QUICK = {"configs": "small,medium", "repeats": 3, "target_s": 0.1, "warmup": 2}
+DEFAULTS = {"configs": "small,medium,large,charlm", "repeats": 7, "target_s": 0.3, "warmup": 3}
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+  """Command-line options; `--quick` fills in whatever was not given explicitly."""
+  p = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0],
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--cells", default=",".join(peers.CELLS), help="comma list of elman,lstm,gru")
+  p.add_argument("--configs", default=None,
+                 help=f"comma list of {','.join(peers.CONFIGS)} (default {DEFAULTS['configs']})")
+  p.add_argument("--impls", default=",".join(peers.IMPLS), help="comma list of implementations")
+  p.add_argument("--repeats", type=int, default=None, help="interleaved repeats (default 7)")
+  p.add_argument("--target-s", type=float, default=None,
+                 help="seconds per implementation per repeat, sets N (default 0.3)")
+  p.add_argument("--warmup", type=int, default=None, help="warm-up steps after the first (3)")
+  p.add_argument("--quick", action="store_true",
+                 help="a tiny run: configs small,medium, 3 repeats of ~0.1 s, 2 warm-up steps")
+  p.add_argument("--measure-memory", action="store_true",
+                 help="also measure peak RSS, one subprocess per implementation")
+  p.add_argument("--no-donate", dest="donate", action="store_false",
+                 help="do not donate params / optimiser state to the jitted JAX steps")
+  p.add_argument("--threads", type=int, default=2, help="PyTorch intra-op threads (2)")
+  p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--json", default=None, help="write the results as JSON here")
+  p.add_argument("--markdown", default=None, help="write the tables as markdown here")
+  p.add_argument("--memory-child", default=None, help=argparse.SUPPRESS)
+  args = p.parse_args(argv)
+  preset = QUICK if args.quick else DEFAULTS
+  for name in ("configs", "repeats", "target_s", "warmup"):
+    if getattr(args, name) is None:
+      setattr(args, name, preset[name])
+  args.cells = _comma_list("cells", args.cells, peers.CELLS)
+  args.configs = _comma_list("configs", args.configs, peers.CONFIGS)
+  args.impls = _comma_list("impls", args.impls, peers.IMPLS)
+  if args.repeats < 1 or args.warmup < 1 or args.target_s <= 0:
+    p.error("--repeats and --warmup must be >= 1 and --target-s > 0.")
+  return args
+
+
+def _comma_list(name, value, valid):
+  items = [v.strip() for v in value.split(",") if v.strip()]
+  bad = [v for v in items if v not in valid]
+  if bad or not items:
+    raise SystemExit(f"--{name}: unknown {bad or 'empty list'}; choose from {','.join(valid)}.")
+  return items
+
+
+# ----------------------------------------------------------------------------------------------
+# Machine and reference measurements.
+
+
+def machine_info() -> dict:
+  """CPU, cores, load, library versions and thread settings: what a reader needs to compare runs."""
+  cpu = platform.processor() or "unknown"
+  try:
+    with open("/proc/cpuinfo") as f:
+      cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")),
+                 cpu)
+  except OSError:
+    pass
+  versions = {}
+  for dist in ("jax", "jaxlib", "optax", "flax", "dm-haiku", "equinox", "torch", "numpy",
+               "jaxrnn"):
+    try:
+      versions[dist] = importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+      versions[dist] = None
+  try:
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                            text=True, cwd=os.path.dirname(os.path.abspath(__file__)),
+                            timeout=10).stdout.strip() or None
+  except (OSError, subprocess.SubprocessError):
+    commit = None
+  return {
+      "cpu": cpu,
+      "cores": os.cpu_count(),
+      "cores_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+      "platform": platform.platform(),
+      "python": platform.python_version(),
+      "versions": versions,
+      "git_commit": commit,
+      "torch_threads": None,
+      "xla_flags": os.environ.get("XLA_FLAGS"),
+      "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
+      "loadavg_start": os.getloadavg() if hasattr(os, "getloadavg") else None,
+      "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+  }
+
+
+def matmul_gflops(n: int = 2048, repeats: int = 5) -> float:
+  """Median float32 `[n, n] @ [n, n]` rate in GFLOP/s with jitted JAX on the default device."""
+  import jax
+  import jax.numpy as jnp
+  ka, kb = jax.random.split(jax.random.key(0))
+  a = jax.random.normal(ka, (n, n), jnp.float32)
+  b = jax.random.normal(kb, (n, n), jnp.float32)
+  matmul = jax.jit(jnp.matmul)
+  matmul(a, b).block_until_ready()
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    matmul(a, b).block_until_ready()
+    times.append(time.perf_counter() - start)
+  return 2.0 * n ** 3 / statistics.median(times) / 1e9
+
+
+# ----------------------------------------------------------------------------------------------
+# One (cell, config).
+
+
+def _short_error(exc: BaseException) -> str:
+  text = f"{type(exc).__name__}: {exc}".strip().splitlines()
+  return text[0][:300] if text else type(exc).__name__
+
+
+def _timed_run(runner, n: int) -> float:
+  """Seconds for `n` steps (blocked), with the garbage collector held off while timing."""
+  gc.collect()
+  gc.disable()
+  try:
+    start = time.perf_counter()
+    runner.run(n)
+    return time.perf_counter() - start
+  finally:
+    gc.enable()
+
+
+def bench_case(cell: str, config: str, args, log=print) -> list[dict]:
+  """Build, check and time every requested implementation for one (cell, config)."""
+  cfg = peers.CONFIGS[config]
+  flops = peers.step_flops(cell, cfg)
+  tokens = cfg.batch * cfg.time
+  rows, runners = {}, {}
+
+  def fail(impl, status, exc):
+    rows[impl].update(status=status, error=_short_error(exc))
+    runners.pop(impl, None)
+    log(f"  {impl:20s} {status}: {_short_error(exc)}")
+
+  for impl in args.impls:
+    row = {"cell": cell, "config": config, "impl": impl, "status": "ok", "error": None,
+           "note": None, "ms_per_step": None, "tokens_per_s": None, "first_call_s": None,
+           "peak_rss_mb": None, "peak_rss_delta_mb": None, "gflops": None,
+           "flops_per_step": flops, "steps_per_repeat": None, "ms_per_step_repeats": [],
+           "loss_initial": None, "loss_after_warmup": None, "loss_check": None}
+    try:
+      runner = peers.build(impl, cell, cfg, seed=args.seed, donate=args.donate,
+                           threads=args.threads)
+    except peers.NotApplicable:
+      continue
+    except peers.Missing as exc:
+      rows[impl] = row
+      fail(impl, "missing", exc)
+      continue
+    except Exception as exc:  # noqa: BLE001 - report and carry on with the others
+      rows[impl] = row
+      fail(impl, "error", exc)
+      continue
+    rows[impl], runners[impl] = row, runner
+    row["note"] = runner.note
+
+  # First calls, then warm-up with the loss check, one implementation at a time.
+  step_s = {}
+  for impl in list(runners):
+    row, runner = rows[impl], runners[impl]
+    try:
+      start = time.perf_counter()
+      first_loss = float(runner.run(1))
+      row["first_call_s"] = time.perf_counter() - start
+      losses, times = [first_loss], []
+      for _ in range(args.warmup):
+        start = time.perf_counter()
+        losses.append(float(runner.run(1)))
+        times.append(time.perf_counter() - start)
+    except Exception as exc:  # noqa: BLE001
+      fail(impl, "error", exc)
+      continue
+    row["loss_initial"], row["loss_after_warmup"] = losses[0], losses[-1]
+    if not all(math.isfinite(v) for v in losses):
+      row["loss_check"] = "non-finite"
+    elif losses[-1] >= losses[0]:
+      row["loss_check"] = "not decreasing"
+    else:
+      row["loss_check"] = "ok"
+    step_s[impl] = min(times)
+    log(f"  {impl:20s} first call {row['first_call_s']:7.2f} s   loss {losses[0]:11.4f} -> "
+        f"{losses[-1]:11.4f} ({len(losses) - 1} steps) {row['loss_check']}")
+
+  # Interleaved repeats.
+  n_steps = {impl: max(1, round(args.target_s / max(step_s[impl], 1e-6))) for impl in runners}
+  for impl in runners:
+    rows[impl]["steps_per_repeat"] = n_steps[impl]
+  for r in range(args.repeats):
+    order = list(runners)
+    order = order[r % len(order):] + order[:r % len(order)] if order else order
+    for impl in order:
+      try:
+        seconds = _timed_run(runners[impl], n_steps[impl])
+      except Exception as exc:  # noqa: BLE001
+        fail(impl, "error", exc)
+        continue
+      rows[impl]["ms_per_step_repeats"].append(1e3 * seconds / n_steps[impl])
+
+  for impl in list(runners):
+    row = rows[impl]
+    ms = statistics.median(row["ms_per_step_repeats"])
+    row.update(ms_per_step=ms, tokens_per_s=tokens / (ms / 1e3), gflops=flops / (ms / 1e3) / 1e9)
+  runners.clear()
+  gc.collect()
+
+  if args.measure_memory:
+    for impl, row in rows.items():
+      if row["status"] == "ok":
+        mem = measure_memory(cell, config, impl, args)
+        row.update(peak_rss_mb=mem.get("peak_rss_mb"),
+                   peak_rss_delta_mb=mem.get("peak_rss_delta_mb"))
+        if "error" in mem:
+          log(f"  {impl:20s} memory: {mem['error']}")
+  return list(rows.values())
+
+
+def summarize(rows: list[dict]) -> dict:
+  """`ratio = ms(fastest peer) / ms(jaxrnn)` for one (cell, config)'s rows."""
+  ok = {r["impl"]: r["ms_per_step"] for r in rows if r["status"] == "ok"}
+  peer_ms = {impl: ms for impl, ms in ok.items() if impl in peers.PEERS}
+  fastest = min(peer_ms, key=peer_ms.get) if peer_ms else None
+  jaxrnn_ms = ok.get("jaxrnn")
+  ratio = peer_ms[fastest] / jaxrnn_ms if fastest and jaxrnn_ms else None
+  return {"cell": rows[0]["cell"] if rows else None, "config": rows[0]["config"] if rows else None,
+          "jaxrnn_ms": jaxrnn_ms, "fastest_peer": fastest,
+          "fastest_peer_ms": peer_ms.get(fastest), "ratio": ratio}
+
+
+# ----------------------------------------------------------------------------------------------
+# Memory: one subprocess per implementation.
+
+
+def _proc_status_mb(field: str) -> float:
+  """`VmRSS` (current) or `VmHWM` (peak) resident set size in MB from /proc; NaN elsewhere."""
+  try:
+    with open("/proc/self/status") as f:
+      for line in f:
+        if line.startswith(field + ":"):
+          return int(line.split()[1]) / 1024.0
+  except OSError:
+    pass
+  return float("nan")
+
+
+def memory_child(spec: str) -> None:
+  """Entry point of the subprocess: import, build, first call + 3 steps, print peak RSS as JSON."""
+  job = json.loads(spec)
+  cfg = peers.CONFIGS[job["config"]]
+  peers.import_framework(job["impl"])
+  baseline = _proc_status_mb("VmRSS")
+  runner = peers.build(job["impl"], job["cell"], cfg, seed=job["seed"], donate=job["donate"],
+                       threads=job["threads"])
+  runner.run(1)
+  runner.run(3)
+  # VmHWM, not getrusage's ru_maxrss: Linux carries ru_maxrss over from the parent across
+  # fork + exec, so a child of a large benchmark process would report the parent's peak.
+  peak = _proc_status_mb("VmHWM")
+  if math.isnan(peak):
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # KB on Linux
+  print(json.dumps({"peak_rss_mb": peak, "peak_rss_delta_mb": peak - baseline,
+                    "baseline_rss_mb": baseline}))
+
+
+def measure_memory(cell: str, config: str, impl: str, args) -> dict:
+  """Peak RSS of `impl` alone, from a fresh subprocess (see the module docstring)."""
+  job = json.dumps({"cell": cell, "config": config, "impl": impl, "seed": args.seed,
+                    "donate": args.donate, "threads": args.threads})
+  try:
+    proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--memory-child", job],
+                          capture_output=True, text=True, timeout=900)
+  except subprocess.TimeoutExpired:
+    return {"error": "memory subprocess timed out"}
+  lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+  if proc.returncode != 0 or not lines:
+    tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+    return {"error": f"memory subprocess failed: {tail[:300]}"}
+  return json.loads(lines[-1])
+
+
+# ----------------------------------------------------------------------------------------------
+# Reports.
+
+
+def _cell_text(row, key, fmt):
+  """One table cell: the formatted `row[key]`, or the row's status ("missing", "error", "—")."""
+  if row is None:
+    return "—"
+  if row["status"] != "ok":
+    return row["status"]
+  value = row.get(key)
+  if value is None:
+    return "—"
+  text = fmt.format(value)
+  if key == "ms_per_step" and row.get("loss_check") not in (None, "ok"):
+    text += " (!)"
+  if key == "peak_rss_mb" and row.get("peak_rss_delta_mb") is not None:
+    text += f" ({row['peak_rss_delta_mb']:.0f})"
+  return text
+
+
+def markdown(report: dict, impls: list[str]) -> str:
+  """The report as markdown: ms/step with the ratio, then GFLOP/s, tokens/s, first call, memory."""
+  machine = report["machine"]
+  results = report["results"]
+  cases = []
+  for row in results:
+    if (row["cell"], row["config"]) not in cases:
+      cases.append((row["cell"], row["config"]))
+  by_key = {(r["cell"], r["config"], r["impl"]): r for r in results}
+  summaries = {(s["cell"], s["config"]): s for s in report["summary"]}
+  lines = [
+      "# RNN training-step benchmark",
+      "",
+      f"- machine: {machine['cpu']}, {machine['cores']} cores; {machine['platform']}; "
+      f"load average {machine.get('loadavg_start')} at start, {machine.get('loadavg_end')} at end",
+      "- versions: " + ", ".join(f"{k} {v}" for k, v in machine["versions"].items() if v),
+      f"- JAX float32 2048^3 matmul: {report['matmul_gflops']:.1f} GFLOP/s",
+      f"- protocol: {report['protocol']}",
+      "- step = forward over the sequence + per-step readout + loss + BPTT + Adam(1e-3), float32.",
+      "- GFLOP/s count matmul FLOPs only: 3 x 2 B T (G H (D + H) + H O), G = 1/4/3 for "
+      "elman/lstm/gru.",
+      "- ratio = ms(fastest peer) / ms(jaxrnn): > 1 means jaxrnn (manual BPTT) is faster.",
+      "- '(!)' marks an implementation whose loss did not decrease over the warm-up steps; "
+      "'—' an implementation that does not exist for the cell.",
+      "",
+  ]
+
+  def table(title, key, fmt, with_ratio=False):
+    header = ["cell", "config", *impls]
+    if with_ratio:
+      header += ["fastest peer", "ratio"]
+    out = [f"## {title}", "", "| " + " | ".join(header) + " |",
+           "|" + "|".join(["---"] * 2 + ["---:"] * (len(header) - 2)) + "|"]
+    for cell, config in cases:
+      cells = [_cell_text(by_key.get((cell, config, impl)), key, fmt) for impl in impls]
+      if with_ratio:
+        s = summaries.get((cell, config), {})
+        cells += [s.get("fastest_peer") or "—",
+                  f"{s['ratio']:.2f}" if s.get("ratio") is not None else "—"]
+      out.append("| " + " | ".join([cell, config, *cells]) + " |")
+    return out + [""]
+
+  lines += table("ms per step (median; lower is better)", "ms_per_step", "{:.2f}", True)
+  lines += table("achieved GFLOP/s (matmul FLOPs)", "gflops", "{:.1f}")
+  lines += table("tokens per second", "tokens_per_s", "{:,.0f}")
+  lines += table("first call, s (trace + compile + first step)", "first_call_s", "{:.2f}")
+  if any(r.get("peak_rss_mb") is not None for r in results):
+    lines += table("peak RSS, MB, each alone in a subprocess (in parentheses: above the RSS "
+                   "right after importing the framework)", "peak_rss_mb", "{:.0f}")
+  problems = [r for r in results if r["status"] == "error" or r["loss_check"] not in (None, "ok")]
+  if problems:
+    lines += ["## problems", ""]
+    lines += [f"- {r['cell']}/{r['config']} {r['impl']}: "
+              f"{r['error'] or 'loss ' + str(r['loss_check'])}" for r in problems]
+    lines.append("")
+  lines += ["## implementations", ""]
+  for impl in impls:
+    notes = dict.fromkeys(r["note"] for r in results if r["impl"] == impl and r.get("note"))
+    if notes:
+      lines.append(f"- {impl}: " + "; ".join(notes))
+  return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> None:
+  args = parse_args(argv)
+  if args.memory_child:
+    memory_child(args.memory_child)
+    return
+  start = time.perf_counter()
+  machine = machine_info()
+  print(f"machine: {machine['cpu']}, {machine['cores']} cores, load {machine['loadavg_start']}",
+        flush=True)
+  load = machine["loadavg_start"]
+  if load and load[0] > 0.5:
+    print(f"warning: load average {load[0]:.1f} on {machine['cores']} cores before starting: other "
+          "processes compete for the CPUs and the timings will be noisy (PyTorch's OpenMP threads "
+          "suffer most: a 2-thread barrier waits for a descheduled thread).", flush=True)
+  gflops = float("nan")
+  try:
+    gflops = matmul_gflops()
+    print(f"JAX float32 2048^3 matmul: {gflops:.1f} GFLOP/s", flush=True)
+  except Exception as exc:  # noqa: BLE001
+    print(f"matmul benchmark failed: {_short_error(exc)}")
+  if "torch" in args.impls:
+    try:
+      import torch
+      torch.set_num_threads(args.threads)
+      machine["torch_threads"] = torch.get_num_threads()
+    except ImportError:
+      pass
+
+  results, summary = [], []
+  for cell in args.cells:
+    for config in args.configs:
+      cfg = peers.CONFIGS[config]
+      print(f"{cell}/{config} (B={cfg.batch} T={cfg.time} D={cfg.input} H={cfg.hidden} "
+            f"O={cfg.output} {cfg.loss}; {peers.step_flops(cell, cfg) / 1e9:.2f} GFLOP/step)",
+            flush=True)
+      rows = bench_case(cell, config, args, log=lambda s: print(s, flush=True))
+      results += rows
+      if rows:
+        s = summarize(rows)
+        summary.append(s)
+        if s["ratio"] is not None:
+          print(f"  jaxrnn {s['jaxrnn_ms']:.2f} ms/step; fastest peer {s['fastest_peer']} "
+                f"{s['fastest_peer_ms']:.2f} ms/step; ratio {s['ratio']:.2f}", flush=True)
+
+  machine["loadavg_end"] = os.getloadavg() if hasattr(os, "getloadavg") else None
+  report = {
+      "machine": machine,
+      "matmul_gflops": gflops,
+      "protocol": (f"{args.repeats} interleaved repeats of ~{args.target_s} s per impl, median; "
+                   f"{args.warmup} warm-up steps; donate={args.donate}; seed={args.seed}"),
+      "wall_s": time.perf_counter() - start,
+      "results": results,
+      "summary": summary,
+  }
+  text = markdown(report, args.impls)
+  print()
+  print(text)
+  print(f"total {report['wall_s']:.0f} s")
+  for path, content in ((args.json, json.dumps(report, indent=2)), (args.markdown, text)):
+    if path:
+      os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+      with open(path, "w") as f:
+        f.write(content if content.endswith("\n") else content + "\n")
+
+
+if __name__ == "__main__":
+  main()
