@@ -8,14 +8,14 @@ Modules:
   losses    per-step losses and their hand-derived gradients
   train     jitted Optax training steps
 """
-from jaxrnn import (activations, backward, cells, checkpoint, data, elman, loop, losses, rnn, scan,
-                    tbptt, train)
+from jaxrnn import (activations, backward, cells, checkpoint, data, elman, interop, loop, losses,
+                    rnn, scan, tbptt, train)
 from jaxrnn.cells import Cell, elman as elman_cell, gru, lstm
 from jaxrnn.train import make_train_step
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "Cell", "activations", "backward", "cells", "checkpoint", "data", "elman", "loop", "elman_cell", "gru", "losses", "lstm",
-    "make_train_step", "rnn", "scan", "tbptt", "train",
+    "Cell", "activations", "backward", "cells", "checkpoint", "data", "elman", "elman_cell", "gru",
+    "interop", "loop", "losses", "lstm", "make_train_step", "rnn", "scan", "tbptt", "train",
 ]
