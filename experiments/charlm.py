@@ -51,13 +51,13 @@ except ImportError:  # run as a script: python experiments/charlm.py
   from experiments import common
 
 import jaxrnn
-from jaxrnn import checkpoint, losses, rnn, tbptt
+from jaxrnn import checkpoint, losses, parallel, rnn, tbptt
 
 ExperimentError = common.ExperimentError
 
 MODEL_TAG = "jaxrnn.charlm"
 CONFIG_VERSION = 1
-CELLS = ("lstm", "gru", "elman")
+CELLS = ("lstm", "gru", "elman", "mingru")
 MODES = ("windows", "tbptt")
 BACKWARDS = ("manual", "autodiff")
 DEFAULT_CORPUS = Path(__file__).resolve().parent / "data" / "tinyshakespeare.txt"
@@ -430,6 +430,7 @@ def train_parser() -> argparse.ArgumentParser:
   p.add_argument("--corpus", type=Path, default=DEFAULT_CORPUS,
                  help="UTF-8 text file (default: experiments/data/tinyshakespeare.txt)")
   p.add_argument("--mode", default="windows", help="windows | tbptt (default windows)")
+  parallel.add_devices_argument(p)
   p.add_argument("--layers", type=int, default=1)
   p.add_argument("--hidden", type=int, default=256)
   p.add_argument("--embed", type=int, default=64, help="embedding size; 0 = one-hot input")
@@ -497,6 +498,13 @@ def parse_train_args(argv) -> argparse.Namespace:
     common.check_positive(steps=args.steps)
   if not math.isfinite(args.minutes):
     raise ExperimentError(f"--minutes must be finite; got {args.minutes}")
+  if args.devices is not None:
+    common.check_positive(devices=args.devices)
+    if args.mode != "windows":
+      raise ExperimentError(f"--devices needs --mode windows (the TBPTT carry is not sharded); "
+                            f"got --mode {args.mode}")
+    if args.batch % args.devices:
+      raise ExperimentError(f"--batch {args.batch} must be a multiple of --devices {args.devices}")
   if args.embed < 0:
     raise ExperimentError(f"--embed must be >= 0 (0 = one-hot input); got {args.embed}")
   if not 0.0 <= args.dropout < 1.0:
@@ -612,6 +620,12 @@ def train(argv) -> int:
   opt_state = optimizer.init(params)
   n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
 
+  mesh = None
+  if args.devices:
+    try:
+      mesh = parallel.make_mesh(args.devices)
+    except ValueError as err:
+      raise ExperimentError(str(err)) from None
   try:
     run_dir = common.make_run_dir(args.out, "charlm")
   except OSError as err:
@@ -650,7 +664,11 @@ def train(argv) -> int:
   rng = np.random.default_rng(args.seed)
   if args.mode == "windows":
     loss_fn = make_window_loss(model, args.backward, args.unroll)
-    step_fn = jaxrnn.make_train_step(loss_fn, optimizer)
+    if args.devices:  # data-parallel over a mesh; without --devices, the plain jitted step
+      # xs and ys (step arguments 2 and 3) are split over the devices; the dropout key is not.
+      step_fn = parallel.make_sharded_train_step(loss_fn, optimizer, mesh, batch_argnums=(2, 3))
+    else:
+      step_fn = jaxrnn.make_train_step(loss_fn, optimizer)
     data = WindowBatches(corpus.train, args.batch, args.seq, rng)
   else:
     loss_fn = make_chunk_loss(model, args.backward, args.unroll)

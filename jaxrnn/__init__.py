@@ -9,13 +9,14 @@ Modules:
   train     jitted Optax training steps
 """
 from jaxrnn import (activations, backward, cells, checkpoint, data, elman, interop, loop, losses,
-                    rnn, scan, tbptt, train)
-from jaxrnn.cells import Cell, elman as elman_cell, gru, lstm
+                    parallel, parallel_scan, rnn, scan, tbptt, train)
+from jaxrnn.cells import Cell, elman as elman_cell, gru, lstm, mingru
 from jaxrnn.train import make_train_step
 
 __version__ = "0.1.0"
 
 __all__ = [
     "Cell", "activations", "backward", "cells", "checkpoint", "data", "elman", "elman_cell", "gru",
-    "interop", "loop", "losses", "lstm", "make_train_step", "rnn", "scan", "tbptt", "train",
+    "interop", "loop", "losses", "lstm", "make_train_step", "mingru", "parallel", "parallel_scan",
+    "rnn", "scan", "tbptt", "train",
 ]

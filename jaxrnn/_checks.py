@@ -24,23 +24,40 @@ def shape_of(x) -> tuple[int, ...]:
   return tuple(np.shape(x))
 
 
+def _shape(name: str, x) -> tuple[int, ...]:
+  """`shape_of(x)`, or a ValueError naming `name` for a ragged nest of lists."""
+  try:
+    return shape_of(x)
+  except ValueError:
+    raise ValueError(f"{name} must be an array; got a ragged {type(x).__name__}.") from None
+
+
+def dtype_of(name: str, x):
+  """`jnp.result_type(x)`, or a TypeError naming `name` for a list or a non-numeric array."""
+  try:
+    return jnp.result_type(x)
+  except TypeError:
+    what = f"dtype {x.dtype}" if hasattr(x, "dtype") else type(x).__name__
+    raise TypeError(f"{name} must be a JAX or NumPy array of numbers; got {what}.") from None
+
+
 def check_float(name: str, x) -> None:
   """Raise a TypeError unless `x` has a floating dtype."""
-  dtype = jnp.result_type(x)
+  dtype = dtype_of(name, x)
   if not jnp.issubdtype(dtype, jnp.floating):
     raise TypeError(f"{name} must have a floating dtype (float32 or float64); got {dtype}. "
                     f"Cast it first, e.g. {name}.astype(jnp.float32).")
 
 
 def check_int(name: str, x) -> None:
-  dtype = jnp.result_type(x)
+  dtype = dtype_of(name, x)
   if not jnp.issubdtype(dtype, jnp.integer):
     raise TypeError(f"{name} must hold integer class indices; got dtype {dtype}.")
 
 
 def check_shape(name: str, x, expected: Sequence[int | None], what: str = "") -> None:
   """Raise a ValueError unless shape(x) matches `expected` (None matches any size)."""
-  shape = shape_of(x)
+  shape = _shape(name, x)
   ok = len(shape) == len(expected) and all(e is None or e == s for s, e in zip(shape, expected))
   if not ok:
     want = "[" + ", ".join("?" if e is None else str(e) for e in expected) + "]"
@@ -49,7 +66,7 @@ def check_shape(name: str, x, expected: Sequence[int | None], what: str = "") ->
 
 def check_sequence_input(name: str, xs, input_size: int | None) -> tuple[tuple[int, ...], int]:
   """Validate `xs: [T, D] or [B, T, D]`; return (batch_shape, T)."""
-  shape = shape_of(xs)
+  shape = _shape(name, xs)
   if len(shape) not in (2, 3):
     raise ValueError(f"{name} must have shape [T, D] (one sequence) or [B, T, D] (a batch, batch "
                      f"first); got rank {len(shape)} with shape {list(shape)}.")
@@ -70,7 +87,7 @@ def check_params(name: str, params, expected: Mapping[str, Sequence[int | None]]
                     f"got {type(params).__name__}.")
   optional = dict(optional)
   missing = sorted(set(expected) - set(params))
-  extra = sorted(set(params) - set(expected) - set(optional))
+  extra = sorted(set(params) - set(expected) - set(optional), key=str)
   if missing or extra:
     raise ValueError(f"{name} must have keys {sorted(expected)}"
                      + (f" (optionally {sorted(optional)})" if optional else "")
@@ -97,3 +114,45 @@ def check_positive_int(name: str, value, minimum: int = 1) -> int:
   if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
     raise ValueError(f"{name} must be an integer >= {minimum}; got {value!r}.")
   return int(value)
+
+
+def check_bool(name: str, value) -> bool:
+  """Return `value` if it is a bool (a truthy string such as "no" must not pass for True)."""
+  if not isinstance(value, (bool, np.bool_)):
+    raise TypeError(f"{name} must be True or False; got {value!r}.")
+  return bool(value)
+
+
+def check_float_dtype(name: str, dtype) -> None:
+  """Raise unless `dtype` names a floating dtype (what params are initialised in)."""
+  try:
+    ok = jnp.issubdtype(np.dtype(dtype), jnp.floating)
+  except TypeError:
+    raise TypeError(f"{name} must be a floating dtype such as jnp.float32; got "
+                    f"{dtype!r}.") from None
+  if not ok:
+    raise TypeError(f"{name} must be a floating dtype such as jnp.float32; got {np.dtype(dtype)}.")
+
+
+def check_unroll(name: str, value) -> None:
+  """`lax.scan`'s `unroll`: a bool (True: unroll fully) or an integer factor >= 1."""
+  if not isinstance(value, (bool, np.bool_)):
+    check_positive_int(name, value)
+
+
+def check_mask_dtype(name: str, mask) -> None:
+  """Raise a TypeError unless `mask` holds bools or real numbers (weights)."""
+  dtype = getattr(mask, "dtype", None)
+  if dtype is None:
+    try:
+      dtype = np.asarray(mask).dtype
+    except ValueError:    # a ragged list; check_shape has reported it already
+      dtype = np.dtype(object)
+  if not (jnp.issubdtype(dtype, jnp.bool_) or jnp.issubdtype(dtype, jnp.integer)
+          or jnp.issubdtype(dtype, jnp.floating)):
+    raise TypeError(f"{name} must hold booleans or real numbers; got dtype {dtype}.")
+
+
+def concrete(x) -> bool:
+  """Whether `x`'s values are known now (not a tracer inside `jit`, `grad` or `vmap`)."""
+  return not isinstance(x, jax.core.Tracer)

@@ -53,9 +53,10 @@ def recurrent_scan_bwd(cell: Cell, params: dict, a: jax.Array, carry0: Carry,
     d_carry_T: tuple of `[B, H]`, the cotangent of the final carry (zeros if unused).
 
   Returns:
-    `(d_rec_params, d_a [T, B, G], d_carry0)`, where `d_rec_params` has `W` (and `bh` if present).
+    `(d_rec_params, d_a [T, B, G], d_carry0)`, where `d_rec_params` has `W` (and `bh` if present;
+    it is empty for a cell without `W`).
   """
-  W = params["W"]
+  W = params.get("W")  # None for a cell with recurrent_weights=False (minGRU)
   bwd = _pointwise_bwd(cell)
   needs_a = cell.pointwise_bwd is None
   carries_prev = _shift_prev(carry0, saved.carries)
@@ -78,7 +79,8 @@ def recurrent_scan_bwd(cell: Cell, params: dict, a: jax.Array, carry0: Carry,
     else:
       d_a, d_r, d_prev = bwd(res, prev, cur, d_new)
     d_r = d_a if d_r is None else d_r
-    d_prev = (d_prev[0] + d_r @ W,) + tuple(d_prev[1:])
+    if W is not None:
+      d_prev = (d_prev[0] + d_r @ W,) + tuple(d_prev[1:])
     if m_t is not None:
       d_prev = tuple(p + s for p, s in zip(d_prev, d_skip))
     return d_prev, (d_a, d_r if d_r is not d_a else None)
@@ -88,6 +90,8 @@ def recurrent_scan_bwd(cell: Cell, params: dict, a: jax.Array, carry0: Carry,
                                       unroll=unroll)
   d_r = d_a if d_r is None else d_r
   # Weight gradients: single contractions over all B x T positions, outside the scan.
+  if W is None:
+    return {}, d_a, d_carry0
   d_rec = {"W": jnp.einsum("tbg,tbh->gh", d_r, carries_prev[0])}
   if "bh" in params:
     d_rec["bh"] = jnp.sum(d_r, axis=(0, 1))
@@ -101,7 +105,7 @@ def recurrence(cell: Cell, rec_params: dict, a: jax.Array, carry0: Carry,
 
   Args:
     cell: the cell (static).
-    rec_params: `{"W": [G, H]}` plus `"bh": [G]` if the cell has it.
+    rec_params: `{"W": [G, H]}` plus `"bh": [G]` if the cell has it (`{}` for a cell without `W`).
     a: `[T, B, G]` input projections.
     carry0: tuple of `[B, H]`.
     mask: `[T, B]` booleans or None.

@@ -354,6 +354,8 @@ def _restore_tree(tree: str, entries: list, arrays: dict, template, where: str, 
 def from_bytes(data: bytes, *, params, opt_state, key=None, source: Optional[str] = None
                ) -> Checkpoint:
   """Deserialise checkpoint bytes into the structure of the templates; see `load`."""
+  if not isinstance(data, (bytes, bytearray, memoryview)):
+    raise TypeError(f"data must be the bytes of a checkpoint file; got {type(data).__name__}.")
   record, arrays = _parse(bytes(data), source)
   where = source if source is not None else "<bytes>"
   trees = record["trees"]
@@ -368,6 +370,12 @@ def from_bytes(data: bytes, *, params, opt_state, key=None, source: Optional[str
   return Checkpoint(restored_params, restored_opt, int(record["step"]), restored_key,
                     record["data_position"], record["config"],
                     _decode_metrics(record["metrics"]))
+
+
+def _check_path(path) -> None:
+  # open() would take an int as a file descriptor, read whatever it is and close it.
+  if not isinstance(path, (str, bytes, os.PathLike)):
+    raise TypeError(f"path must be a file path (str or os.PathLike); got {type(path).__name__}.")
 
 
 def load(path: str, *, params, opt_state, key=None) -> Checkpoint:
@@ -389,7 +397,9 @@ def load(path: str, *, params, opt_state, key=None) -> Checkpoint:
       format version, or differs from a template (the first missing or extra leaf, shape or
       dtype is named). Nothing partial is ever returned.
     FileNotFoundError: there is no such file.
+    TypeError: `path` is not a str or `os.PathLike` (an int would be read as a file descriptor).
   """
+  _check_path(path)
   with open(path, "rb") as f:
     data = f.read()
   return from_bytes(data, params=params, opt_state=opt_state, key=key, source=os.fspath(path))
@@ -410,6 +420,7 @@ def verify(path: str) -> Info:
   Raises:
     CheckpointError: as `load`, except for template mismatches, which need `load`.
   """
+  _check_path(path)
   with open(path, "rb") as f:
     data = f.read()
   record, _ = _parse(data, os.fspath(path))

@@ -62,6 +62,7 @@ def init(key: jax.Array, input_size: int, hidden_size: int, output_size: int, *,
                       ("output_size", output_size)):
     _checks.check_positive_int(name, value)
   _checks.check_choice("recurrent_init", recurrent_init, ("uniform", "orthogonal", "identity"))
+  _checks.check_float_dtype("dtype", dtype)
   k_cell, k_w, k_v, k_c = jax.random.split(key, 4)
   params = _elman_cell("tanh").init(k_cell, input_size, hidden_size, dtype)
   if recurrent_init == "orthogonal":
@@ -80,7 +81,7 @@ def sizes(params) -> tuple[int, int, int]:
   if not isinstance(params, Mapping):
     raise TypeError(f"params must be a dict with keys {list(KEYS)}; got {type(params).__name__}.")
   missing = [k for k in KEYS if k not in params]
-  extra = sorted(set(params) - set(KEYS))
+  extra = sorted(set(params) - set(KEYS), key=str)
   if missing or extra:
     raise ValueError(f"params must have exactly the keys {list(KEYS)}; missing {missing}, "
                      f"unexpected {extra}.")
@@ -134,6 +135,16 @@ def step(params: dict, h: jax.Array, x: jax.Array, *, f: str = "tanh"
   Returns:
     `(h_t, h_t)`, each shaped like `h`.
   """
+  u = _checks.shape_of(params["U"]) if isinstance(params, Mapping) and "U" in params else ()
+  hidden, d = u if len(u) == 2 else (None, None)
+  _checks.check_params("params", params, {"U": (hidden, d), "W": (hidden, hidden), "b": (hidden,)},
+                       optional={"V": (None, hidden), "c": (None,)})
+  batch_shape = _checks.shape_of(h)[:-1] if len(_checks.shape_of(h)) == 2 else ()
+  _checks.check_shape("h", h, (*batch_shape, hidden), " ([H] for one sequence, [B, H] for a batch)")
+  _checks.check_float("h", h)
+  _checks.check_shape("x", x, (*batch_shape, d), " ([D] with h [H], [B, D] with h [B, H])")
+  _checks.check_float("x", x)
+  _hidden(f)
   (h,), out = base.step(_elman_cell(f), params, (h,), x)
   return h, out
 
@@ -175,6 +186,7 @@ def forward(params: dict, xs: jax.Array, h0: Optional[jax.Array] = None, *, f: s
   _validate(params, xs, h0, f)
   out_fn = _output(g)
   _checks.check_choice("backward", backward, ("manual", "autodiff"))
+  _checks.check_unroll("unroll", unroll)
   batched, hs = _hidden_states(params, xs, h0, f, backward, unroll)
   os = out_fn(_readout(params, hs))
   return (hs, os) if batched else (hs[0], os[0])
@@ -203,6 +215,7 @@ def loss(params: dict, xs: jax.Array, targets: jax.Array, h0: Optional[jax.Array
   """
   _validate_loss(params, xs, targets, h0, f, loss, mask)
   _checks.check_choice("backward", backward, ("manual", "autodiff"))
+  _checks.check_unroll("unroll", unroll)
   batched, hs = _hidden_states(params, xs, h0, f, backward, unroll)
   z = _readout(params, hs)
   if not batched:
@@ -232,6 +245,8 @@ def manual_value_and_grad(params: dict, xs: jax.Array, targets: jax.Array,
     `(loss, grads, input_grads)`.
   """
   _validate_loss(params, xs, targets, h0, f, loss, mask)
+  _checks.check_bool("wrt_inputs", wrt_inputs)
+  _checks.check_unroll("unroll", unroll)
   batched, xs3, carry0 = _as_batch(params, xs, h0)
   cell = _elman_cell(f)
   a = project(params, xs3)

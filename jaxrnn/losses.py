@@ -23,6 +23,7 @@ from typing import Literal
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxrnn import _checks
 
@@ -34,10 +35,17 @@ def check_targets(loss: str, targets, batch_time: tuple[int, ...], output_size: 
   """Validate `targets` for `loss`: `[..., T, O]` floats, or `[..., T]` integer classes for xent."""
   _checks.check_choice("loss", loss, OUTPUT_OF_LOSS)
   if loss == "xent":
-    if not jnp.issubdtype(jnp.result_type(targets), jnp.integer):
+    dtype = _checks.dtype_of("targets", targets)
+    if not jnp.issubdtype(dtype, jnp.integer):
       raise TypeError("targets must hold integer class indices in [0, O) for loss='xent'; got "
-                      f"dtype {jnp.result_type(targets)}. Use targets.astype(jnp.int32).")
+                      f"dtype {dtype}. Use targets.astype(jnp.int32).")
     _checks.check_shape("targets", targets, batch_time, " (integer classes for loss='xent')")
+    # An index outside [0, O) would make take_along_axis fill in NaN; check it when it is known.
+    if _checks.concrete(targets) and math.prod(batch_time):
+      classes = np.asarray(targets)
+      if classes.min() < 0 or classes.max() >= output_size:
+        raise ValueError(f"targets must hold class indices in [0, O={output_size}) for "
+                         f"loss='xent'; got min {classes.min()}, max {classes.max()}.")
   else:
     _checks.check_float("targets", targets)
     _checks.check_shape("targets", targets, (*batch_time, output_size), f" for loss={loss!r}")
@@ -46,6 +54,7 @@ def check_targets(loss: str, targets, batch_time: tuple[int, ...], output_size: 
 def check_mask(mask, batch_time: tuple[int, ...]) -> None:
   if mask is not None:
     _checks.check_shape("mask", mask, batch_time, " (one weight per time step)")
+    _checks.check_mask_dtype("mask", mask)
 
 
 def step_losses(z: jax.Array, targets: jax.Array, loss: str) -> jax.Array:

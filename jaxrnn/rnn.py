@@ -26,6 +26,7 @@ from typing import NamedTuple, Optional, Union
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxrnn import _checks, losses
 from jaxrnn.backward import recurrence
@@ -34,10 +35,11 @@ from jaxrnn.cells.base import Cell
 from jaxrnn.cells.elman import elman
 from jaxrnn.cells.gru import gru
 from jaxrnn.cells.lstm import lstm
+from jaxrnn.cells.mingru import mingru
 from jaxrnn.scan import project, recurrent_scan
 
 CELL_NAMES = {"elman": lambda: elman("tanh"), "elman_relu": lambda: elman("relu"),
-              "lstm": lstm, "gru": gru}
+              "lstm": lstm, "gru": gru, "mingru": mingru}
 
 
 class RNN(NamedTuple):
@@ -86,8 +88,11 @@ def rnn(cell: Union[str, Cell], input_size: int, hidden_size: int, *, num_layers
   _checks.check_positive_int("num_layers", num_layers)
   if output_size is not None:
     _checks.check_positive_int("output_size", output_size)
-  if not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
+  if (isinstance(dropout, (bool, np.bool_)) or not isinstance(dropout, (int, float, np.number))
+      or not 0.0 <= dropout < 1.0):
     raise ValueError(f"dropout must be a rate in [0, 1); got {dropout!r}.")
+  _checks.check_bool("bidirectional", bidirectional)
+  _checks.check_bool("learn_initial_state", learn_initial_state)
   return RNN(cell, int(input_size), int(hidden_size), int(num_layers), bool(bidirectional),
              output_size, float(dropout), bool(learn_initial_state))
 
@@ -102,6 +107,7 @@ def init(key: jax.Array, spec: RNN, *, dtype=jnp.float32) -> dict:
   """Initial params for `spec` (each cell's own init; readout uniform(+-1/sqrt(fan_in)))."""
   _check_spec(spec)
   _checks.check_key("key", key)
+  _checks.check_float_dtype("dtype", dtype)
   keys = jax.random.split(key, spec.num_layers * spec.num_directions + 2)
   layers, k = [], 0
   for layer in range(spec.num_layers):
@@ -127,14 +133,15 @@ def init(key: jax.Array, spec: RNN, *, dtype=jnp.float32) -> dict:
 def check_params(spec: RNN, params) -> None:
   """Raise a ValueError naming the first key or leaf of `params` that does not fit `spec`."""
   if not isinstance(params, Mapping) or "layers" not in params:
+    keys = sorted(params, key=str) if isinstance(params, Mapping) else "-"
     raise ValueError("params must be a dict with a 'layers' list (from jaxrnn.rnn.init); got "
-                     f"{type(params).__name__} with keys {sorted(params) if isinstance(params, Mapping) else '-'}.")
+                     f"{type(params).__name__} with keys {keys}.")
   expected_top = {"layers"} | ({"V", "c"} if spec.output_size is not None else set()) | (
       {"carry0"} if spec.learn_initial_state else set())
   if set(params) != expected_top:
     raise ValueError(f"params must have keys {sorted(expected_top)} for this spec; missing "
                      f"{sorted(expected_top - set(params))}, unexpected "
-                     f"{sorted(set(params) - expected_top)}.")
+                     f"{sorted(set(params) - expected_top, key=str)}.")
   layers = params["layers"]
   if not isinstance(layers, Sequence) or len(layers) != spec.num_layers:
     n = len(layers) if isinstance(layers, Sequence) else type(layers).__name__
@@ -144,17 +151,22 @@ def check_params(spec: RNN, params) -> None:
   for i, entry in enumerate(layers):
     d = spec.input_size if i == 0 else h * spec.num_directions
     if not isinstance(entry, Mapping) or set(entry) != set(spec.directions):
-      raise ValueError(f"params['layers'][{i}] must have keys {list(spec.directions)}; got "
-                       f"{sorted(entry) if isinstance(entry, Mapping) else type(entry).__name__}.")
+      got = sorted(entry, key=str) if isinstance(entry, Mapping) else type(entry).__name__
+      raise ValueError(f"params['layers'][{i}] must have keys {list(spec.directions)}; got {got}.")
+    rec = {"W": (g, h)} if spec.cell.recurrent_weights else {}  # minGRU has no W
     for direction in spec.directions:
       _checks.check_params(f"params['layers'][{i}][{direction!r}]", entry[direction],
-                           {"U": (g, d), "W": (g, h), "b": (g,)}, optional={"bh": (g,)})
+                           {"U": (g, d), **rec, "b": (g,)},
+                           optional={"bh": (g,)} if rec else {})
   if spec.output_size is not None:
     _checks.check_shape("params['V']", params["V"], (spec.output_size, h * spec.num_directions))
     _checks.check_shape("params['c']", params["c"], (spec.output_size,))
+    _checks.check_float("params['V']", params["V"])
+    _checks.check_float("params['c']", params["c"])
   if spec.learn_initial_state:
     _checks.check_shape("params['carry0']", params["carry0"],
                         (spec.cell.carry_size, spec.num_layers * spec.num_directions, h))
+    _checks.check_float("params['carry0']", params["carry0"])
 
 
 def _validate_inputs(spec, xs, carry0, lengths, mask, key):
@@ -166,32 +178,43 @@ def _validate_inputs(spec, xs, carry0, lengths, mask, key):
     _checks.check_shape("lengths", lengths, batch_shape, " (one length per sequence)")
     _checks.check_int("lengths", lengths)
     if not isinstance(lengths, jax.core.Tracer):
-      import numpy as np
       arr = np.asarray(lengths)
       if arr.size and (arr.min() < 1 or arr.max() > t):
         raise ValueError(f"lengths must lie in [1, T={t}]; got min {arr.min()}, max {arr.max()}.")
   if mask is not None:
     _checks.check_shape("mask", mask, (*batch_shape, t), " (True at the valid steps)")
-  k = spec.num_layers * spec.num_directions
+    _checks.check_mask_dtype("mask", mask)
+    if spec.bidirectional and _checks.concrete(mask):
+      # The reverse direction reverses the first sum(mask) steps: only a prefix mask is lengths.
+      m = np.asarray(mask, bool).reshape(-1, t)
+      if not np.array_equal(m, np.arange(t)[None, :] < m.sum(1, keepdims=True)):
+        raise ValueError("mask must be a prefix (True for each sequence's first n steps, then "
+                         "False) with bidirectional=True; got a mask with gaps. Pass lengths [B] "
+                         "instead.")
   if carry0 is not None:
-    want = (k, *batch_shape, spec.hidden_size)
-    if spec.cell.carry_size == 1:
-      if isinstance(carry0, (tuple, list)):
-        raise ValueError(f"carry0 for {spec.cell.name} must be one array of shape {list(want)}; "
-                         f"got a {type(carry0).__name__} of {len(carry0)}.")
-      _checks.check_shape("carry0", carry0, want, " ([num_layers * num_directions, B, H])")
-      _checks.check_float("carry0", carry0)
-    else:
-      if not isinstance(carry0, (tuple, list)) or len(carry0) != spec.cell.carry_size:
-        raise ValueError(f"carry0 for {spec.cell.name} must be a tuple of "
-                         f"{spec.cell.carry_size} arrays (h0, c0), each {list(want)}; got "
-                         f"{type(carry0).__name__}.")
-      for j, part in enumerate(carry0):
-        _checks.check_shape(f"carry0[{j}]", part, want, " ([num_layers * num_directions, B, H])")
-        _checks.check_float(f"carry0[{j}]", part)
+    _check_carry(spec, "carry0", carry0, batch_shape, " ([num_layers * num_directions, B, H])")
   if key is not None:
     _checks.check_key("key", key)
   return batch_shape, t
+
+
+def _check_carry(spec, name, carry, batch_shape, what):
+  """Check a carry in PyTorch's layout: `[K, *batch_shape, H]`, or a tuple (h, c) of those."""
+  want = (spec.num_layers * spec.num_directions, *batch_shape, spec.hidden_size)
+  if spec.cell.carry_size == 1:
+    if isinstance(carry, (tuple, list)):
+      raise ValueError(f"{name} for {spec.cell.name} must be one array of shape {list(want)}; "
+                       f"got a {type(carry).__name__} of {len(carry)}.")
+    _checks.check_shape(name, carry, want, what)
+    _checks.check_float(name, carry)
+  else:
+    if not isinstance(carry, (tuple, list)) or len(carry) != spec.cell.carry_size:
+      raise ValueError(f"{name} for {spec.cell.name} must be a tuple of "
+                       f"{spec.cell.carry_size} arrays (h0, c0), each {list(want)}; got "
+                       f"{type(carry).__name__}.")
+    for j, part in enumerate(carry):
+      _checks.check_shape(f"{name}[{j}]", part, want, what)
+      _checks.check_float(f"{name}[{j}]", part)
 
 
 def _reverse_index(lengths, t):
@@ -206,9 +229,11 @@ def _time_gather(x, idx):
   return jnp.take_along_axis(x, idx, axis=1)
 
 
-def _run_direction(cell, params, xs, carry0, mask_tm, backward, unroll):
+def _run_direction(cell, params, xs, carry0, mask_tm, backward, unroll, impl="sequential"):
   a = project(params, xs)
-  if backward == "manual":
+  if impl == "parallel":
+    hs, carry_T = cell.parallel_scan(a, carry0, mask_tm, backward=backward)
+  elif backward == "manual":
     rec = {k: params[k] for k in ("W", "bh") if k in params}
     hs, carry_T = recurrence(cell, rec, a, carry0, mask_tm, unroll)
   else:
@@ -216,8 +241,39 @@ def _run_direction(cell, params, xs, carry0, mask_tm, backward, unroll):
   return jnp.swapaxes(hs, 0, 1), carry_T
 
 
+def _run_direction_remat(cell, params, xs, carry0, mask_tm, backward, unroll, impl, chunk):
+  """`_run_direction` that keeps only the carries at chunk boundaries for the backward pass.
+
+  The sequence is cut into chunks of `chunk` steps (the last one padded with masked steps); a
+  `lax.scan` over chunks runs each chunk under `jax.checkpoint`, so the backward pass recomputes a
+  chunk's forward (residuals included) just before running that chunk's backward. Peak memory
+  for residuals drops from `O(T)` to `O(T / chunk + chunk)`; with `chunk ~ sqrt(T)` that is
+  `O(sqrt(T))`, for about one extra forward pass of compute.
+  """
+  b, t = xs.shape[:2]
+  n = -(-t // chunk)
+  pad = n * chunk - t
+  if pad:
+    xs = jnp.concatenate([xs, jnp.zeros((b, pad) + xs.shape[2:], xs.dtype)], axis=1)
+    valid = jnp.ones((t, b), bool) if mask_tm is None else mask_tm
+    mask_tm = jnp.concatenate([valid, jnp.zeros((pad, b), bool)], axis=0)
+  xs_c = jnp.swapaxes(xs.reshape((b, n, chunk) + xs.shape[2:]), 0, 1)       # [n, B, k, D]
+  m_c = None if mask_tm is None else mask_tm.reshape(n, chunk, b)           # [n, k, B]
+
+  @jax.checkpoint
+  def body(carry, inputs):
+    x, m = inputs
+    hs, carry = _run_direction(cell, params, x, carry, m, backward, unroll, impl)
+    return carry, hs
+
+  carry_T, hs = jax.lax.scan(body, tuple(carry0), (xs_c, m_c))
+  hs = jnp.swapaxes(hs, 0, 1).reshape((b, n * chunk) + hs.shape[3:])
+  return hs[:, :t], carry_T
+
+
 def apply(spec: RNN, params: dict, xs: jax.Array, carry0=None, *, lengths=None, mask=None,
-          key: Optional[jax.Array] = None, backward: str = "manual", unroll: int = 1):
+          key: Optional[jax.Array] = None, backward: str = "manual", unroll: int = 1,
+          impl: str = "sequential", remat: Optional[int] = None):
   """Run the stack over `xs`.
 
   Args:
@@ -234,6 +290,11 @@ def apply(spec: RNN, params: dict, xs: jax.Array, carry0=None, *, lengths=None, 
     key: PRNG key enabling dropout between layers; None means no dropout (evaluation).
     backward: "manual" (hand-written BPTT via `custom_vjp`, default) or "autodiff".
     unroll: `lax.scan` unroll factor.
+    remat: trade compute for memory on long sequences: keep only every `remat`-th carry for the
+      backward pass and recompute the forward chunk by chunk (`remat ~ sqrt(T)` is a good choice).
+      None stores everything (fastest).
+    impl: "sequential" (`lax.scan`, every cell) or "parallel" (the cell's `parallel_scan`, an
+      associative scan of `O(log T)` depth; cells that have one: "mingru"). Same results.
 
   Returns:
     `(hs, carry_T)`: top-layer outputs `[..., T, dirs * H]` and the final carry in `carry0`'s
@@ -243,15 +304,22 @@ def apply(spec: RNN, params: dict, xs: jax.Array, carry0=None, *, lengths=None, 
   check_params(spec, params)
   batch_shape, t = _validate_inputs(spec, xs, carry0, lengths, mask, key)
   _checks.check_choice("backward", backward, ("manual", "autodiff"))
+  _checks.check_choice("impl", impl, ("sequential", "parallel"))
+  _checks.check_unroll("unroll", unroll)
+  if remat is not None:
+    _checks.check_positive_int("remat", remat)
+  if impl == "parallel" and spec.cell.parallel_scan is None:
+    raise ValueError(f"impl='parallel' needs a cell with a parallel_scan (e.g. 'mingru'); cell "
+                     f"{spec.cell.name!r} has none, use impl='sequential'.")
   batched = len(batch_shape) == 1
   if not batched:
     xs = xs[None]
     lengths = None if lengths is None else jnp.reshape(lengths, (1,))
-    mask = None if mask is None else mask[None]
+    mask = None if mask is None else jnp.asarray(mask)[None]
     if carry0 is not None:
       carry0 = jax.tree.map(lambda c: c[:, None], carry0)
   b = xs.shape[0]
-  dtype = jnp.result_type(xs, params["layers"][0]["fwd"]["W"])
+  dtype = jnp.result_type(xs, params["layers"][0]["fwd"]["U"])
   if carry0 is None:
     carry0 = initial_carry(spec, params, (b,), dtype)
   if spec.cell.carry_size == 1:
@@ -277,8 +345,12 @@ def apply(spec: RNN, params: dict, xs: jax.Array, carry0=None, *, lengths=None, 
       k = layer * spec.num_directions + j
       c0 = tuple(c[k] for c in carry0)
       x_dir = layer_in if direction == "fwd" else _time_gather(layer_in, rev_idx)
-      hs, carry_T = _run_direction(spec.cell, entry[direction], x_dir, c0, mask_tm, backward,
-                                   unroll)
+      if remat is None:
+        hs, carry_T = _run_direction(spec.cell, entry[direction], x_dir, c0, mask_tm, backward,
+                                     unroll, impl)
+      else:
+        hs, carry_T = _run_direction_remat(spec.cell, entry[direction], x_dir, c0, mask_tm,
+                                           backward, unroll, impl, remat)
       outs.append(hs if direction == "fwd" else _time_gather(hs, rev_idx))
       for part, c in zip(finals, carry_T):
         part.append(c)
@@ -301,9 +373,10 @@ def initial_carry(spec: RNN, params: dict, batch_shape: tuple[int, ...] = (), dt
     `[K, *batch_shape, H]`, or a tuple `(h0, c0)` of those for LSTM.
   """
   _check_spec(spec)
+  check_params(spec, params)
   k = spec.num_layers * spec.num_directions
   shape = (k, *batch_shape, spec.hidden_size)
-  dtype = dtype or params["layers"][0]["fwd"]["W"].dtype
+  dtype = dtype or params["layers"][0]["fwd"]["U"].dtype
   if spec.learn_initial_state:
     parts = tuple(jnp.broadcast_to(c.reshape((k,) + (1,) * len(batch_shape) + (-1,)), shape)
                   for c in params["carry0"])
@@ -330,10 +403,13 @@ def step(spec: RNN, params: dict, carry, x: jax.Array):
   if spec.bidirectional:
     raise ValueError("step needs a unidirectional spec (bidirectional=False): the reverse "
                      "direction needs the whole sequence; got bidirectional=True.")
+  check_params(spec, params)
   _checks.check_float("x", x)
   if _checks.shape_of(x)[-1:] != (spec.input_size,) or len(_checks.shape_of(x)) not in (1, 2):
     raise ValueError(f"x must have shape [B, {spec.input_size}] or [{spec.input_size}]; got "
                      f"{list(_checks.shape_of(x))}.")
+  _check_carry(spec, "carry", carry, _checks.shape_of(x)[:-1],
+               " ([num_layers, B, H] with x [B, D], [num_layers, H] with x [D])")
   parts = (carry,) if spec.cell.carry_size == 1 else tuple(carry)
   new_parts = [[] for _ in parts]
   h = x
@@ -347,14 +423,25 @@ def step(spec: RNN, params: dict, carry, x: jax.Array):
 
 def readout(spec: RNN, params: dict, hs: jax.Array) -> jax.Array:
   """The seed's readout `z_t = V h_t + c`: `[..., T, dirs * H] -> [..., T, O]` (logits, before g)."""
+  _check_spec(spec)
   if spec.output_size is None:
     raise ValueError("readout needs a spec with output_size set; got output_size=None.")
+  fan_in = spec.hidden_size * spec.num_directions
+  if not isinstance(params, Mapping) or not {"V", "c"} <= set(params):
+    raise ValueError("params must hold the readout V [O, dirs * H] and c [O] (from "
+                     "jaxrnn.rnn.init with output_size set).")
+  _checks.check_shape("params['V']", params["V"], (spec.output_size, fan_in))
+  _checks.check_shape("params['c']", params["c"], (spec.output_size,))
+  _checks.check_float("hs", hs)
+  if len(_checks.shape_of(hs)) < 1 or _checks.shape_of(hs)[-1] != fan_in:
+    raise ValueError(f"hs must have shape [..., {fan_in}] (dirs * H, the top layer's outputs); "
+                     f"got {list(_checks.shape_of(hs))}.")
   return base.add_bias(hs @ params["V"].T, params["c"])
 
 
 def loss(spec: RNN, params: dict, xs: jax.Array, targets: jax.Array, carry0=None, *,
          loss: str = "mse", lengths=None, mask=None, key=None, backward: str = "manual",
-         unroll: int = 1) -> jax.Array:
+         unroll: int = 1, impl: str = "sequential", remat: Optional[int] = None) -> jax.Array:
   """`L = (1/B) sum_b sum_t m_bt L_bt` on the readout (see `jaxrnn.losses`); a scalar.
 
   Steps past `lengths` (or where `mask` is False) do not count. Other args as in `apply`;
@@ -367,7 +454,7 @@ def loss(spec: RNN, params: dict, xs: jax.Array, targets: jax.Array, carry0=None
   batch_time = _checks.shape_of(xs)[:-1]
   losses.check_targets(loss, targets, batch_time, spec.output_size)
   hs, _ = apply(spec, params, xs, carry0, lengths=lengths, mask=mask, key=key,
-                backward=backward, unroll=unroll)
+                backward=backward, unroll=unroll, impl=impl, remat=remat)
   weights = mask
   if lengths is not None:
     steps = jnp.arange(batch_time[-1]).reshape((1,) * (len(batch_time) - 1) + (-1,))

@@ -25,8 +25,16 @@ ChunkLoss = Callable[..., tuple[jax.Array, Any]]  # (params, carry, *chunk) -> (
 
 def rnn_chunk_loss(spec: _rnn.RNN, *, loss: str = "xent", backward: str = "manual") -> ChunkLoss:
   """`loss_fn(params, carry, xs [B, k, D], targets) -> (loss, final_carry)` for an `RNN` spec."""
+  _rnn._check_spec(spec)
+  if spec.output_size is None:
+    raise ValueError("rnn_chunk_loss needs a spec with output_size set (a readout); got "
+                     "output_size=None.")
+  _checks.check_choice("loss", loss, _rnn.losses.OUTPUT_OF_LOSS)
+  _checks.check_choice("backward", backward, ("manual", "autodiff"))
 
   def loss_fn(params, carry, xs, targets):
+    _checks.check_sequence_input("xs", xs, spec.input_size)
+    _rnn.losses.check_targets(loss, targets, _checks.shape_of(xs)[:-1], spec.output_size)
     hs, carry_T = _rnn.apply(spec, params, xs, carry, backward=backward)
     value = jnp.sum(_rnn.losses.step_weights(None, targets.shape[:2], hs.dtype)
                     * _rnn.losses.step_losses(_rnn.readout(spec, params, hs), targets, loss))
@@ -36,6 +44,17 @@ def rnn_chunk_loss(spec: _rnn.RNN, *, loss: str = "xent", backward: str = "manua
 
 def reset_carry(carry, reset: jax.Array, initial):
   """Rows `b` with `reset[b]` True take `initial`'s row; carries are `[K, B, H]` (or tuples)."""
+  leaves, treedef = jax.tree.flatten(carry)
+  init_leaves, init_treedef = jax.tree.flatten(initial)
+  if init_treedef != treedef:
+    raise ValueError(f"initial must have carry's structure {treedef}; got {init_treedef}.")
+  for c, i in zip(leaves, init_leaves):
+    if len(_checks.shape_of(c)) != 3:
+      raise ValueError(f"carry must hold [K, B, H] arrays; got shape {list(_checks.shape_of(c))}.")
+    _checks.check_shape("initial", i, _checks.shape_of(c), " (carry's shape)")
+  batch = _checks.shape_of(leaves[0])[1:2] if leaves else (None,)
+  _checks.check_shape("reset", reset, batch, " (one flag per sequence of the carry [K, B, H])")
+  _checks.check_mask_dtype("reset", reset)
   return jax.tree.map(lambda c, i: jnp.where(reset[None, :, None], i, c), carry, initial)
 
 
@@ -47,6 +66,7 @@ def make_tbptt_step(loss_fn: ChunkLoss, optimizer: optax.GradientTransformation,
   is an argument, so it would be cut anyway; the call makes the intent explicit and also holds
   when the step is traced inside a larger function).
   """
+  _check_callable("loss_fn", loss_fn)
   if not isinstance(optimizer, optax.GradientTransformation):
     raise TypeError("optimizer must be an optax.GradientTransformation; got "
                     f"{type(optimizer).__name__}.")
@@ -83,7 +103,9 @@ def tbptt_value_and_grad(loss_fn: ChunkLoss, params, carry0, xs: jax.Array, targ
     `(total_loss, grads, final_carry)`: what `N / k` consecutive TBPTT steps accumulate (before
     any update), computed with one `lax.scan` over chunks.
   """
+  _check_callable("loss_fn", loss_fn)
   _checks.check_positive_int("chunk", chunk)
+  _check_streams(xs, targets)
   n = xs.shape[1]
   if n % chunk:
     raise ValueError(f"xs length N = {n} must be a multiple of chunk = {chunk}.")
@@ -101,6 +123,23 @@ def tbptt_value_and_grad(loss_fn: ChunkLoss, params, carry0, xs: jax.Array, targ
   return total, grads, carry
 
 
+def _check_callable(name: str, fn) -> None:
+  if not callable(fn):
+    raise TypeError(f"{name} must be a function; got {type(fn).__name__}.")
+
+
+def _check_streams(xs, targets) -> None:
+  """`xs [B, N, ...]` and `targets [B, N, ...]` arrays with the same `B` and `N >= 1`."""
+  for name, x in (("xs", xs), ("targets", targets)):
+    if not hasattr(x, "shape"):
+      raise TypeError(f"{name} must be a JAX or NumPy array [B, N, ...]; got {type(x).__name__}.")
+  if xs.ndim < 2 or xs.shape[1] < 1:
+    raise ValueError(f"xs must have shape [B, N, ...] with N >= 1 steps; got {list(xs.shape)}.")
+  if targets.shape[:2] != xs.shape[:2]:
+    raise ValueError(f"targets must have shape [B, N, ...] = [{xs.shape[0]}, {xs.shape[1]}, ...] "
+                     f"like xs; got {list(targets.shape)}.")
+
+
 def stream_batches(tokens: np.ndarray, batch: int) -> np.ndarray:
   """Cut a 1-D stream into `batch` contiguous parallel streams `[B, N // B]` (min-char-rnn style)."""
   tokens = np.asarray(tokens)
@@ -115,6 +154,7 @@ def stream_batches(tokens: np.ndarray, batch: int) -> np.ndarray:
 
 def chunks(length: int, chunk: int) -> Iterator[slice]:
   """Slices `[s, s + k)` covering `range(length)`; the last one may be shorter."""
+  _checks.check_positive_int("length", length, minimum=0)
   _checks.check_positive_int("chunk", chunk)
   for start in range(0, length, chunk):
     yield slice(start, min(start + chunk, length))
@@ -137,6 +177,9 @@ def run_tbptt(step: Callable, params, opt_state, xs: jax.Array, targets: jax.Arr
   Returns:
     `(params, opt_state, carry, losses)` with one loss per chunk.
   """
+  _check_callable("step", step)
+  _checks.check_positive_int("chunk", chunk)
+  _check_streams(xs, targets)
   start_carry = carry if initial_carry is None else initial_carry
   chunk_losses = []
   for window in chunks(xs.shape[1], chunk):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -157,6 +158,8 @@ TRAIN_ERRORS = {
     "negative minutes": (["--minutes", "-1"], "--minutes"),
     "steps not a number": (["--steps", "many"], "--steps"),
     "bad dropout": (["--dropout", "1.5"], "--dropout"),
+    "devices do not divide batch": (["--devices", "3"], "--batch 16 must be a multiple"),
+    "devices with tbptt": (["--devices", "1", "--mode", "tbptt"], "--devices needs --mode windows"),
 }
 SAMPLE_ERRORS = {
     "missing checkpoint": (["--checkpoint", "{d}/nope.safetensors"], "not found"),
@@ -227,3 +230,17 @@ def test_bad_input_subprocess(args, expected, bad_files, quick_run, tmp_path):
   assert proc.stdout == ""
   assert not (tmp_path / "runs").exists()
   assert snapshot(quick_run) == before
+
+
+@pytest.mark.slow
+def test_quick_run_on_two_devices(tmp_path):
+  """`--devices 2` trains data-parallel over 2 (virtual CPU) devices and still learns."""
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2")
+  proc = subprocess.run([sys.executable, str(SCRIPT), "--quick", "--no-progress", "--devices", "2",
+                         "--cell", "mingru", "--out", str(tmp_path)], capture_output=True,
+                        text=True, timeout=180, cwd=REPO, env=env)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  (run,) = list(tmp_path.iterdir())
+  metrics = json.loads((run / "metrics.json").read_text())
+  losses = metrics["train"]["loss"]
+  assert np.isfinite(losses).all() and np.mean(losses[-5:]) < np.mean(losses[:5])

@@ -253,3 +253,23 @@ def test_bad_spec_errors():
   with pytest.raises(ValueError, match="step needs a unidirectional spec"):
     spec, params = _spec_params(bidirectional=True)
     rnn.step(spec, params, rnn.initial_carry(spec, params, (2,)), jnp.zeros((2, D)))
+
+
+@pytest.mark.parametrize("cell", ["elman", "lstm"])
+def test_remat_gives_the_same_values_and_gradients(cell):
+  """The memory option (chunked recomputation) changes memory, not results: T = 7 in chunks of 3."""
+  with jax.enable_x64(True):
+    spec = rnn.rnn(cell, D, H, num_layers=2, bidirectional=True, output_size=O)
+    params = jax.tree.map(lambda v: v.astype(jnp.float64), rnn.init(jax.random.key(11), spec))
+    xs, ys, lengths = _data(dtype=jnp.float64)
+    full = jax.value_and_grad(lambda p: rnn.loss(spec, p, xs, ys, lengths=lengths))(params)
+    chunked = jax.value_and_grad(lambda p: rnn.loss(spec, p, xs, ys, lengths=lengths, remat=3))(params)
+    assert rel_err(chunked[0], full[0]) < 1e-12
+    for got, want in zip(jax.tree.leaves(chunked[1]), jax.tree.leaves(full[1])):
+      assert rel_err(got, want) < 1e-10
+    hs, carry = rnn.apply(spec, params, xs, lengths=lengths, remat=3)
+    hs_full, carry_full = rnn.apply(spec, params, xs, lengths=lengths)
+    np.testing.assert_allclose(hs, hs_full, rtol=1e-12, atol=1e-14)
+    np.testing.assert_allclose(jax.tree.leaves(carry)[0], jax.tree.leaves(carry_full)[0], rtol=1e-12)
+  with pytest.raises(ValueError, match="remat must be an integer >= 1; got 0"):
+    rnn.apply(spec, params, xs, remat=0)

@@ -31,7 +31,7 @@ Two optional generalisations, both off by default so the classic cells are uncha
   elementwise, inside `pointwise` (minGRU). Its params are just `U [G, D]`, `b [G]`, the engine
   passes `r_t = None` to `pointwise`, ignores `d_r_t`, and adds no `d_r_t @ W` term.
 - `parallel_scan`: the whole recurrence computed in `O(log T)` depth (an associative scan), a
-  drop-in for the sequential engine with the same masking rules (`jaxrnn.rnn.apply(impl="parallel")`).
+  drop-in for the sequential engine with the same masking rules; `rnn.apply(impl="parallel")`.
 """
 from __future__ import annotations
 
