@@ -70,6 +70,7 @@ REFERENCE_VAL_LOSS = 1.516
 
 # What --quick overrides (anything given explicitly on the command line wins).
 QUICK = {"hidden": 32, "embed": 16, "layers": 1, "batch": 16, "seq": 32, "steps": 60,
+         "lr": 4e-3, "dropout": 0.0,
          "eval_every": 20, "eval_windows": 16, "sample_length": 200, "warmup": 5}
 
 
@@ -434,10 +435,11 @@ def train_parser() -> argparse.ArgumentParser:
   p.add_argument("--layers", type=int, default=1)
   p.add_argument("--hidden", type=int, default=256)
   p.add_argument("--embed", type=int, default=64, help="embedding size; 0 = one-hot input")
-  p.add_argument("--dropout", type=float, default=0.0)
-  p.add_argument("--batch", type=int, default=16, help="windows (or streams) per step")
+  p.add_argument("--dropout", type=float, default=0.1,
+                 help="dropout on the top layer's outputs (and between layers); default 0.1")
+  p.add_argument("--batch", type=int, default=32, help="windows (or streams) per step")
   p.add_argument("--seq", type=int, default=128, help="window (or TBPTT chunk) length")
-  p.add_argument("--lr", type=float, default=4e-3, help="peak Adam learning rate")
+  p.add_argument("--lr", type=float, default=2e-3, help="peak Adam learning rate")
   p.add_argument("--schedule", default="cosine", help="cosine | constant (after warm-up)")
   p.add_argument("--final-lr-frac", type=float, default=0.05,
                  help="cosine decays the lr to this fraction of --lr")

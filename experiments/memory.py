@@ -52,13 +52,15 @@ except ImportError:  # run as a script: python experiments/memory.py
   from experiments import common
 
 import jaxrnn
-from jaxrnn import data, rnn
+from jaxrnn import data, parallel, rnn
 
 ExperimentError = common.ExperimentError
-MODELS = ("tanh", "irnn", "lstm", "gru")
+MODELS = ("tanh", "irnn", "lstm", "gru", "mingru")
+DEFAULT_MODELS = ("tanh", "irnn", "lstm", "gru")
 LABELS = {"tanh": "Elman tanh", "irnn": "IRNN (ReLU, W=I)", "lstm": "LSTM (forget bias 1)",
-          "gru": "GRU"}
-COLORS = {"tanh": "tab:blue", "irnn": "tab:red", "lstm": "tab:green", "gru": "tab:purple"}
+          "gru": "GRU", "mingru": "minGRU (linear)"}
+COLORS = {"tanh": "tab:blue", "irnn": "tab:red", "lstm": "tab:green", "gru": "tab:purple",
+          "mingru": "tab:brown"}
 COPY_SYMBOLS, COPY_LENGTH = 8, 10
 SOLVED_FRACTION = 0.1
 
@@ -90,7 +92,8 @@ def copy_task(length: int) -> Task:
 
 def make_spec(model: str, task: Task, hidden: int) -> rnn.RNN:
   cell = {"tanh": lambda: jaxrnn.cells.elman("tanh"), "irnn": lambda: jaxrnn.cells.elman("relu"),
-          "lstm": lambda: jaxrnn.cells.lstm(forget_bias=1.0), "gru": jaxrnn.cells.gru}[model]()
+          "lstm": lambda: jaxrnn.cells.lstm(forget_bias=1.0), "gru": jaxrnn.cells.gru,
+          "mingru": jaxrnn.cells.mingru}[model]()
   return rnn.rnn(cell, task.input_size, hidden, output_size=task.output_size)
 
 
@@ -128,7 +131,10 @@ def train_one(task: Task, model: str, args, key: jax.Array, batch_fn, test: tupl
   lr = args.irnn_lr if model == "irnn" else args.lr
   optimizer = optax.chain(optax.clip_by_global_norm(args.clip), optax.adam(lr))
   loss_fn = make_loss(task, spec)
-  step = jaxrnn.make_train_step(loss_fn, optimizer)
+  if args.devices:  # data-parallel: the batch split over a mesh of --devices devices
+    step = parallel.make_sharded_train_step(loss_fn, optimizer, parallel.make_mesh(args.devices))
+  else:
+    step = jaxrnn.make_train_step(loss_fn, optimizer)
   eval_fn = jax.jit(loss_fn)
   opt_state = optimizer.init(params)
   test_start = float(eval_fn(params, *test))
@@ -178,8 +184,10 @@ def parse_lengths(flag: str, text: str) -> list[int]:
 def parse_args(argv):
   parser = common.base_parser(__doc__.splitlines()[0])
   parser.error = _raise  # argparse's usage errors become one line too
-  parser.add_argument("--models", default=",".join(MODELS),
-                      help=f"comma-separated subset of {','.join(MODELS)} (default: all)")
+  parser.add_argument("--models", default=",".join(DEFAULT_MODELS),
+                      help=f"comma-separated subset of {','.join(MODELS)} "
+                           f"(default: {','.join(DEFAULT_MODELS)})")
+  parallel.add_devices_argument(parser)
   parser.add_argument("--adding-lengths", default="50,100,200,400",
                       help="sequence lengths T for the adding problem ('none' to skip)")
   parser.add_argument("--copy-lengths", default="10,50,100",
@@ -209,6 +217,14 @@ def parse_args(argv):
   common.check_positive(steps=args.steps, hidden=args.hidden, batch=args.batch, lr=args.lr,
                         irnn_lr=args.irnn_lr, clip=args.clip, test_size=args.test_size,
                         log_every=args.log_every)
+  if args.devices is not None:
+    common.check_positive(devices=args.devices)
+    if args.batch % args.devices:
+      raise ExperimentError(f"--batch {args.batch} must be a multiple of --devices {args.devices}")
+    try:
+      parallel.make_mesh(args.devices)
+    except ValueError as err:
+      raise ExperimentError(str(err)) from None
   return args
 
 

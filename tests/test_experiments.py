@@ -154,3 +154,18 @@ def test_bad_inputs_fail_with_one_line(tmp_path):
     assert len(lines) == 1 and lines[0].startswith("error:"), (name, args, stderr)
     assert word in lines[0], (name, args, lines[0])
   assert not any(tmp_path.iterdir()), "a failed run must not leave a run folder"
+
+
+@pytest.mark.slow
+def test_memory_with_the_linear_cell_on_two_devices(tmp_path):
+  """minGRU in the long-range memory task, trained data-parallel over 2 virtual CPU devices."""
+  env = dict(_env(), XLA_FLAGS="--xla_force_host_platform_device_count=2")
+  proc = subprocess.run([sys.executable, str(SCRIPTS["memory"]), "--quick", "--no-progress",
+                         "--models", "mingru", "--devices", "2", "--out", str(tmp_path)],
+                        cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  (run,) = list(tmp_path.iterdir())
+  results = _metrics(run)["results"]
+  assert {r["model"] for r in results} == {"mingru"}
+  for r in results:
+    assert r["test"] < r["test_start"] and math.isfinite(r["test"]), (r["task"], r["T"])
