@@ -433,10 +433,10 @@ def train_parser() -> argparse.ArgumentParser:
   p.add_argument("--mode", default="windows", help="windows | tbptt (default windows)")
   parallel.add_devices_argument(p)
   p.add_argument("--layers", type=int, default=1)
-  p.add_argument("--hidden", type=int, default=256)
+  p.add_argument("--hidden", type=int, default=384)
   p.add_argument("--embed", type=int, default=64, help="embedding size; 0 = one-hot input")
-  p.add_argument("--dropout", type=float, default=0.1,
-                 help="dropout on the top layer's outputs (and between layers); default 0.1")
+  p.add_argument("--dropout", type=float, default=0.25,
+                 help="dropout on the top layer's outputs (and between layers); default 0.25")
   p.add_argument("--batch", type=int, default=32, help="windows (or streams) per step")
   p.add_argument("--seq", type=int, default=128, help="window (or TBPTT chunk) length")
   p.add_argument("--lr", type=float, default=2e-3, help="peak Adam learning rate")

@@ -19,6 +19,7 @@ import optax
 
 from jaxrnn import _checks
 from jaxrnn import rnn as _rnn
+from jaxrnn import train
 
 ChunkLoss = Callable[..., tuple[jax.Array, Any]]  # (params, carry, *chunk) -> (loss, carry)
 
@@ -67,24 +68,17 @@ def make_tbptt_step(loss_fn: ChunkLoss, optimizer: optax.GradientTransformation,
   when the step is traced inside a larger function).
   """
   _check_callable("loss_fn", loss_fn)
-  if not isinstance(optimizer, optax.GradientTransformation):
-    raise TypeError("optimizer must be an optax.GradientTransformation; got "
-                    f"{type(optimizer).__name__}.")
+  train.check_optimizer(optimizer)
 
   @jax.jit
   def step(params, opt_state, carry, *chunk):
     carry = jax.lax.stop_gradient(carry)
     (value, new_carry), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, carry, *chunk)
-    grad_norm = optax.global_norm(grads)
-    updates, new_opt_state = optimizer.update(grads, opt_state, params)
-    new_params = optax.apply_updates(params, updates)
-    finite = jnp.isfinite(value) & jnp.isfinite(grad_norm)
+    new_params, new_opt_state, metrics = train.apply_gradients(
+        optimizer, params, opt_state, value, grads, skip_nonfinite=skip_nonfinite)
     if skip_nonfinite:
-      keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
-      new_params, new_opt_state = keep(new_params, params), keep(new_opt_state, opt_state)
-      new_carry = keep(new_carry, carry)
-    return new_params, new_opt_state, new_carry, {"loss": value, "grad_norm": grad_norm,
-                                                  "finite": finite}
+      new_carry = train.keep_if(metrics["finite"], new_carry, carry)
+    return new_params, new_opt_state, new_carry, metrics
   return step
 
 

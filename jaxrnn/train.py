@@ -30,20 +30,42 @@ def make_train_step(loss_fn: Callable[..., jax.Array], optimizer: optax.Gradient
     >>> opt_state = optax.adam(1e-3).init(params)
     >>> params, opt_state, metrics = step(params, opt_state, xs, targets)
   """
-  if not isinstance(optimizer, optax.GradientTransformation):
-    raise TypeError("optimizer must be an optax.GradientTransformation (e.g. optax.adam(1e-3)); "
-                    f"got {type(optimizer).__name__}.")
+  check_optimizer(optimizer)
   vg = value_and_grad_fn if value_and_grad_fn is not None else jax.value_and_grad(loss_fn)
 
   def train_step(params: Any, opt_state: Any, *batch):
     value, grads = vg(params, *batch)
-    grad_norm = optax.global_norm(grads)
-    updates, new_opt_state = optimizer.update(grads, opt_state, params)
-    new_params = optax.apply_updates(params, updates)
-    finite = jnp.isfinite(value) & jnp.isfinite(grad_norm)
-    if skip_nonfinite:
-      keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
-      new_params, new_opt_state = keep(new_params, params), keep(new_opt_state, opt_state)
-    return new_params, new_opt_state, {"loss": value, "grad_norm": grad_norm, "finite": finite}
+    return apply_gradients(optimizer, params, opt_state, value, grads,
+                           skip_nonfinite=skip_nonfinite)
 
   return jax.jit(train_step) if jit else train_step
+
+
+def check_optimizer(optimizer) -> None:
+  if not isinstance(optimizer, optax.GradientTransformation):
+    raise TypeError("optimizer must be an optax.GradientTransformation (e.g. optax.adam(1e-3)); "
+                    f"got {type(optimizer).__name__}.")
+
+
+def keep_if(finite: jax.Array, new: Any, old: Any) -> Any:
+  """`new` where the scalar `finite` is True, else `old`, leaf by leaf."""
+  return jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+
+
+def apply_gradients(optimizer: optax.GradientTransformation, params: Any, opt_state: Any,
+                    value: jax.Array, grads: Any, *, skip_nonfinite: bool = True):
+  """One Optax update with the non-finite guard, shared by every training step.
+
+  Returns:
+    `(params, opt_state, metrics)`; if `skip_nonfinite` and the loss or the gradient norm is NaN
+    or Inf, the old params and optimiser state come back unchanged. `metrics` has `loss`,
+    `grad_norm` and `finite`.
+  """
+  grad_norm = optax.global_norm(grads)
+  updates, new_opt_state = optimizer.update(grads, opt_state, params)
+  new_params = optax.apply_updates(params, updates)
+  finite = jnp.isfinite(value) & jnp.isfinite(grad_norm)
+  if skip_nonfinite:
+    new_params, new_opt_state = keep_if(finite, new_params, params), keep_if(
+        finite, new_opt_state, opt_state)
+  return new_params, new_opt_state, {"loss": value, "grad_norm": grad_norm, "finite": finite}
