@@ -24,6 +24,10 @@ def base_parser(description: str, *, cells: Optional[tuple[str, ...]] = None,
                 default_cell: Optional[str] = None) -> argparse.ArgumentParser:
   """An argparse parser with the options every experiment shares."""
   parser = argparse.ArgumentParser(description=description)
+
+  def one_line_error(message):  # argparse's usage errors become one-line errors too
+    raise ExperimentError(message)
+  parser.error = one_line_error
   parser.add_argument("--quick", action="store_true", help="a small run (well under a minute)")
   parser.add_argument("--seed", type=int, default=0, help="PRNG seed (default 0)")
   parser.add_argument("--out", type=Path, default=REPO / "runs",

@@ -263,13 +263,8 @@ def smooth(values, window):
   return out
 
 
-def _raise(message):
-  raise ExperimentError(message)
-
-
 def parse_args(argv):
   parser = common.base_parser(__doc__.splitlines()[0])
-  parser.error = _raise  # argparse's usage errors become one line too
   parser.add_argument("--cells", default=",".join(CELLS),
                       help=f"comma-separated subset of {','.join(CELLS)} (tanh/relu: Elman)")
   parser.add_argument("--scales", default="0.5,1.0,1.5",

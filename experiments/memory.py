@@ -183,7 +183,6 @@ def parse_lengths(flag: str, text: str) -> list[int]:
 
 def parse_args(argv):
   parser = common.base_parser(__doc__.splitlines()[0])
-  parser.error = _raise  # argparse's usage errors become one line too
   parser.add_argument("--models", default=",".join(DEFAULT_MODELS),
                       help=f"comma-separated subset of {','.join(MODELS)} "
                            f"(default: {','.join(DEFAULT_MODELS)})")
@@ -226,10 +225,6 @@ def parse_args(argv):
     except ValueError as err:
       raise ExperimentError(str(err)) from None
   return args
-
-
-def _raise(message):
-  raise ExperimentError(message)
 
 
 def results_table(results: list[dict], tasks: list[Task], models: list[str]) -> str:

@@ -200,13 +200,8 @@ def parse_list(flag, text, choices):
   return items
 
 
-def _raise(message):
-  raise ExperimentError(message)
-
-
 def parse_args(argv):
   parser = common.base_parser(__doc__.splitlines()[0])
-  parser.error = _raise  # argparse's usage errors become one line too
   parser.add_argument("--cells", default="elman,lstm,gru",
                       help=f"comma-separated subset of {','.join(CELLS)} (default elman,lstm,gru)")
   parser.add_argument("--datasets", default="sines,mackey", help="comma-separated: sines,mackey")
