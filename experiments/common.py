@@ -99,6 +99,23 @@ def plt():
   return pyplot
 
 
+def run_config(args: argparse.Namespace, **extra: Any) -> dict:
+  """The JSON-able configuration of a run: its arguments (paths as strings), the jaxrnn version,
+  the platform, and `extra`."""
+  import jax
+  import jaxrnn
+  config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+  config.update(jaxrnn_version=jaxrnn.__version__, platform=jax.devices()[0].platform, **extra)
+  return config
+
+
+def save_figure(fig, path: Path, *, dpi: int = 110) -> None:
+  """Lay out, write and close a matplotlib figure."""
+  fig.tight_layout()
+  fig.savefig(path, dpi=dpi)
+  plt().close(fig)
+
+
 def run_main(main) -> None:
   """Call `main()`; turn an ExperimentError into one line on stderr and exit status 2."""
   try:

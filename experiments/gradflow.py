@@ -347,9 +347,7 @@ def plot_norms(plt, models, results, scales, path):
     ax.legend(fontsize=7, loc="best")
   axes[0].set_ylabel("||dL_T/dh_t|| / ||dL_T/dh_T||")
   fig.suptitle("gradient flow through time (adding problem, loss on the last step)")
-  fig.tight_layout()
-  fig.savefig(path, dpi=110)
-  plt.close(fig)
+  common.save_figure(fig, path)
 
 
 def plot_spectral(plt, models, results, scales, path):
@@ -365,9 +363,7 @@ def plot_spectral(plt, models, results, scales, path):
   ax.set_yscale("log")
   ax.legend(fontsize=8)
   ax.set_title("one-step Jacobian spectral radius (plain: untrained, hatched: trained)", fontsize=9)
-  fig.tight_layout()
-  fig.savefig(path, dpi=110)
-  plt.close(fig)
+  common.save_figure(fig, path)
 
 
 def plot_clipping(plt, clipping, args, path):
@@ -388,18 +384,14 @@ def plot_clipping(plt, clipping, args, path):
     ax.legend(fontsize=8)
   fig.suptitle(f"Elman {args.explode_cell}, W = {args.explode_scale:g} * orthogonal, "
                f"SGD lr {args.sgd_lr:g}, adding T={args.length}", fontsize=10)
-  fig.tight_layout()
-  fig.savefig(path, dpi=110)
-  plt.close(fig)
+  common.save_figure(fig, path)
 
 
 def main(argv=None) -> int:
   args = parse_args(argv)
   plt = common.plt()
   run_dir = common.make_run_dir(args.out, "gradflow")
-  config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
-  config.update(jaxrnn_version=jaxrnn.__version__, platform=jax.devices()[0].platform,
-                cross_check_tolerance=CROSS_CHECK_TOL)
+  config = common.run_config(args, cross_check_tolerance=CROSS_CHECK_TOL)
   common.write_json(run_dir / "config.json", config)
   models = models_for(args.cells, args.scales)
   print(f"gradflow: {len(models)} models, T={args.length}, H={args.hidden} -> {run_dir}")

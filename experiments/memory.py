@@ -259,9 +259,7 @@ def plot_curves(plt, results, tasks, models, path, title):
   axes[0][0].set_ylabel(f"train {tasks[0].metric}")
   axes[0][0].legend(fontsize=7)
   fig.suptitle(title + " (axes cut at 10 x baseline)")
-  fig.tight_layout()
-  fig.savefig(path, dpi=110)
-  plt.close(fig)
+  common.save_figure(fig, path)
 
 
 def plot_summary(plt, results, tasks, models, path):
@@ -280,9 +278,7 @@ def plot_summary(plt, results, tasks, models, path):
       ax.text(j, i, text, ha="center", va="center", fontsize=7)
   fig.colorbar(im, ax=ax, label="log10(test / baseline)")
   ax.set_title(f"test metric / baseline (solved: < {SOLVED_FRACTION})", fontsize=9)
-  fig.tight_layout()
-  fig.savefig(path, dpi=110)
-  plt.close(fig)
+  common.save_figure(fig, path)
 
 
 def main(argv=None) -> int:
@@ -290,9 +286,8 @@ def main(argv=None) -> int:
   plt = common.plt()
   run_dir = common.make_run_dir(args.out, "memory")
   tasks = [adding_task(t) for t in args.adding_lengths] + [copy_task(t) for t in args.copy_lengths]
-  config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
-  config.update(jaxrnn_version=jaxrnn.__version__, platform=jax.devices()[0].platform,
-                solved_criterion=f"test metric < {SOLVED_FRACTION} x baseline")
+  config = common.run_config(
+      args, solved_criterion=f"test metric < {SOLVED_FRACTION} x baseline")
   common.write_json(run_dir / "config.json", config)
   print(f"memory: {len(tasks)} task lengths x {len(args.models)} models, {args.steps} steps each, "
         f"H={args.hidden}, B={args.batch} -> {run_dir}")

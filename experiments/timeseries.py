@@ -246,9 +246,7 @@ def plot_all(plt, results, baselines, datasets_obj, args, run_dir):
     ax.set_title(f"{name}: train MSE (teacher forcing)")
     ax.set_xlabel("step")
   axes[0][0].legend()
-  fig.tight_layout()
-  fig.savefig(run_dir / "curves.png", dpi=110)
-  plt.close(fig)
+  common.save_figure(fig, run_dir / "curves.png")
 
   # Forecast vs truth for the first test sequence.
   c, k = args.context, args.horizon
@@ -271,9 +269,7 @@ def plot_all(plt, results, baselines, datasets_obj, args, run_dir):
       if i == len(names) - 1:
         ax.set_xlabel("t")
   axes[0][0].legend(fontsize=7, loc="lower left")
-  fig.tight_layout()
-  fig.savefig(run_dir / "forecasts.png", dpi=110)
-  plt.close(fig)
+  common.save_figure(fig, run_dir / "forecasts.png")
 
   # NRMSE per horizon.
   fig, axes = plt.subplots(1, len(names), figsize=(4.2 * len(names), 3.2), squeeze=False)
@@ -289,19 +285,16 @@ def plot_all(plt, results, baselines, datasets_obj, args, run_dir):
     ax.set_xlabel("horizon k (steps ahead)")
     ax.set_title(f"{name}: closed-loop NRMSE")
   axes[0][0].legend(fontsize=8)
-  fig.tight_layout()
-  fig.savefig(run_dir / "nrmse.png", dpi=110)
-  plt.close(fig)
+  common.save_figure(fig, run_dir / "nrmse.png")
 
 
 def main(argv=None) -> int:
   args = parse_args(argv)
   plt = common.plt()
   run_dir = common.make_run_dir(args.out, "timeseries")
-  config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
-  config.update(jaxrnn_version=jaxrnn.__version__, platform=jax.devices()[0].platform,
-                mackey_glass={"tau": 17, "beta": 0.2, "gamma": 0.1, "n": 10, "dt": 0.1,
-                              "subsample": 10, "integrator": "RK4"})
+  config = common.run_config(
+      args, mackey_glass={"tau": 17, "beta": 0.2, "gamma": 0.1, "n": 10, "dt": 0.1,
+                          "subsample": 10, "integrator": "RK4"})
   print(f"timeseries: {args.datasets} x {args.cells}, {args.steps} steps, H={args.hidden} -> "
         f"{run_dir}")
   key = jax.random.key(args.seed)

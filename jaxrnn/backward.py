@@ -20,7 +20,7 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 
-from jaxrnn.cells.base import Carry, Cell, recurrent_projection
+from jaxrnn.cells.base import Carry, Cell, recurrent_projector
 from jaxrnn.scan import Saved, recurrent_scan
 
 
@@ -62,7 +62,7 @@ def recurrent_scan_bwd(cell: Cell, params: dict, a: jax.Array, carry0: Carry,
   carries_prev = _shift_prev(carry0, saved.carries)
   r_all = None
   if needs_a:
-    r_all = recurrent_projection(params, carries_prev[0])
+    r_all = recurrent_projector(params)(carries_prev[0])
 
   def body(d_carry, inputs):
     d_h, m_t, res, prev, cur, a_t, r_t = inputs

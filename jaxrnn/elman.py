@@ -223,6 +223,9 @@ def loss(params: dict, xs: jax.Array, targets: jax.Array, h0: Optional[jax.Array
   return losses.total_loss(z, targets, loss, mask)
 
 
+_total_loss = loss  # `make_train_step` takes a `loss=` option that shadows the function.
+
+
 def manual_value_and_grad(params: dict, xs: jax.Array, targets: jax.Array,
                           h0: Optional[jax.Array] = None, *, f: str = "tanh", loss: str = "mse",
                           mask: Optional[jax.Array] = None, wrt_inputs: bool = False,
@@ -289,10 +292,9 @@ def make_train_step(optimizer: optax.GradientTransformation, *, f: str = "tanh",
   _hidden(f)
   _checks.check_choice("loss", loss, losses.OUTPUT_OF_LOSS)
   _checks.check_choice("grads", grads, ("manual", "autodiff"))
-  loss_fn = globals()["loss"]
 
   def objective(params, xs, targets, h0=None, mask=None):
-    return loss_fn(params, xs, targets, h0, f=f, loss=loss, mask=mask, backward="autodiff",
+    return _total_loss(params, xs, targets, h0, f=f, loss=loss, mask=mask, backward="autodiff",
                    unroll=unroll)
 
   def manual(params, xs, targets, h0=None, mask=None):

@@ -236,7 +236,7 @@ def test_cell_without_hand_written_backward():
 
 def test_base_step_recurrent_projection_is_none():
   params = mingru().init(jax.random.key(0), D, H, jnp.float32)
-  assert base.recurrent_projection(params, jnp.zeros((B, H))) is None
+  assert base.recurrent_projector(params)(jnp.zeros((B, H))) is None
   carry, h = base.step(mingru(), params, (jnp.zeros((B, H)),), jnp.ones((B, D)))
   assert h.shape == (B, H)
 

@@ -108,22 +108,13 @@ def step(cell: Cell, params: dict, carry: Carry, x: jax.Array) -> tuple[Carry, j
     `(carry_t, h_t)`; `h_t` has the shape of `carry[0]`.
   """
   a = add_bias(x @ params["U"].T, params["b"])
-  carry, _ = cell.pointwise(a, recurrent_projection(params, carry[0]), carry)
+  carry, _ = cell.pointwise(a, recurrent_projector(params)(carry[0]), carry)
   return carry, carry[0]
 
 
-def recurrent_projection(params: dict, h: jax.Array) -> Optional[jax.Array]:
-  """`r_t = W h_{t-1} + bh` ([..., G]); `bh` is optional; None for a cell without `W`."""
-  if "W" not in params:  # recurrent_weights=False (minGRU): nothing to project
-    return None
-  r = h @ params["W"].T
-  if "bh" in params:
-    r = add_bias(r, params["bh"])
-  return r
-
-
 def recurrent_projector(params: dict):
-  """`h -> W h + bh` with `W` transposed once, outside any loop that calls it.
+  """`h -> r = W h + bh` (`[..., H] -> [..., G]`; `bh` optional; `r` is None for a cell without
+  `W`), with `W` transposed once, outside any loop that calls it.
 
   Inside a `lax.scan` body, `h @ W.T` made XLA (CPU) copy-transpose `W` on every step; handing the
   body a pre-transposed `W^T [H, G]` removes that copy (see experiments/PERF_NOTES.md).
