@@ -20,7 +20,7 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 
-from jaxrnn.cells.base import Carry, Cell, recurrent_projector
+from jaxrnn.cells.base import Carry, Cell, add_bias, recurrent_projector
 from jaxrnn.scan import Saved, recurrent_scan
 
 
@@ -53,8 +53,8 @@ def recurrent_scan_bwd(cell: Cell, params: dict, a: jax.Array, carry0: Carry,
     d_carry_T: tuple of `[B, H]`, the cotangent of the final carry (zeros if unused).
 
   Returns:
-    `(d_rec_params, d_a [T, B, G], d_carry0)`, where `d_rec_params` has `W` (and `bh` if present;
-    it is empty for a cell without `W`).
+    `(d_rec_params, d_a [T, B, G], d_carry0)`, where `d_rec_params` has the gradients of the
+    entries of `params` the scan used: `W`, `bh`, `b` where present.
   """
   W = params.get("W")  # None for a cell with recurrent_weights=False (minGRU)
   bwd = _pointwise_bwd(cell)
@@ -63,6 +63,8 @@ def recurrent_scan_bwd(cell: Cell, params: dict, a: jax.Array, carry0: Carry,
   r_all = None
   if needs_a:
     r_all = recurrent_projector(params)(carries_prev[0])
+    if "b" in params:  # the pre-activation input the forward's pointwise saw
+      a = add_bias(a, params["b"])
 
   def body(d_carry, inputs):
     d_h, m_t, res, prev, cur, a_t, r_t = inputs
@@ -90,11 +92,13 @@ def recurrent_scan_bwd(cell: Cell, params: dict, a: jax.Array, carry0: Carry,
                                       unroll=unroll)
   d_r = d_a if d_r is None else d_r
   # Weight gradients: single contractions over all B x T positions, outside the scan.
-  if W is None:
-    return {}, d_a, d_carry0
-  d_rec = {"W": jnp.einsum("tbg,tbh->gh", d_r, carries_prev[0])}
-  if "bh" in params:
-    d_rec["bh"] = jnp.sum(d_r, axis=(0, 1))
+  d_rec = {}
+  if "b" in params:
+    d_rec["b"] = jnp.sum(d_a, axis=(0, 1))
+  if W is not None:
+    d_rec["W"] = jnp.einsum("tbg,tbh->gh", d_r, carries_prev[0])
+    if "bh" in params:
+      d_rec["bh"] = jnp.sum(d_r, axis=(0, 1))
   return d_rec, d_a, d_carry0
 
 
@@ -105,8 +109,9 @@ def recurrence(cell: Cell, rec_params: dict, a: jax.Array, carry0: Carry,
 
   Args:
     cell: the cell (static).
-    rec_params: `{"W": [G, H]}` plus `"bh": [G]` if the cell has it (`{}` for a cell without `W`).
-    a: `[T, B, G]` input projections.
+    rec_params: `{"W": [G, H]}` plus `"bh": [G]` if the cell has it (no `W` for a cell without
+      recurrent weights), and the input bias `"b": [G]`, added to `a_t` inside the scan.
+    a: `[T, B, G]` input projections `U x_t` (without `b`).
     carry0: tuple of `[B, H]`.
     mask: `[T, B]` booleans or None.
     unroll: static `lax.scan` unroll.

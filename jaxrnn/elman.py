@@ -155,7 +155,7 @@ def _hidden_states(params, xs, h0, f, backward, unroll=1):
   cell = _elman_cell(f)
   a = project(params, xs3)
   if backward == "manual":
-    hs, _ = recurrence(cell, {"W": params["W"]}, a, carry0, None, unroll)
+    hs, _ = recurrence(cell, {"W": params["W"], "b": params["b"]}, a, carry0, None, unroll)
   else:
     hs, _, _ = recurrent_scan(cell, params, a, carry0, unroll=unroll)
   return batched, jnp.swapaxes(hs, 0, 1)

@@ -36,7 +36,7 @@ from jaxrnn.cells.elman import elman
 from jaxrnn.cells.gru import gru
 from jaxrnn.cells.lstm import lstm
 from jaxrnn.cells.mingru import mingru
-from jaxrnn.scan import project, recurrent_scan
+from jaxrnn.scan import project_time_major, recurrent_scan
 
 CELL_NAMES = {"elman": lambda: elman("tanh"), "elman_relu": lambda: elman("relu"),
               "lstm": lstm, "gru": gru, "mingru": mingru}
@@ -218,27 +218,29 @@ def _check_carry(spec, name, carry, batch_shape, what):
 
 
 def _reverse_index(lengths, t):
-  """`[B, T]` indices that reverse each sequence's first `lengths[b]` steps (an involution)."""
-  steps = jnp.arange(t)[None, :]
-  return jnp.where(steps < lengths[:, None], lengths[:, None] - 1 - steps, steps)
+  """`[T, B]` time indices that reverse each sequence's first `lengths[b]` steps (an involution)."""
+  steps = jnp.arange(t)[:, None]
+  return jnp.where(steps < lengths[None, :], lengths[None, :] - 1 - steps, steps)
 
 
 def _time_gather(x, idx):
-  """`x [B, T, ...]` reordered along time by `idx [B, T]`."""
+  """`x [T, B, ...]` reordered along time by `idx [T, B]`."""
   idx = idx.reshape(idx.shape + (1,) * (x.ndim - 2))
-  return jnp.take_along_axis(x, idx, axis=1)
+  return jnp.take_along_axis(x, idx, axis=0)
 
 
 def _run_direction(cell, params, xs, carry0, mask_tm, backward, unroll, impl="sequential"):
-  a = project(params, xs)
+  """One direction of one layer, time-major: `xs [T, B, D] -> (hs [T, B, H], carry_T)`."""
+  a = project_time_major(params, xs)                     # U x_t; the scans add b in their body
   if impl == "parallel":
-    hs, carry_T = cell.parallel_scan(a, carry0, mask_tm, backward=backward)
+    hs, carry_T = cell.parallel_scan(base.add_bias(a, params["b"]), carry0, mask_tm,
+                                     backward=backward)
   elif backward == "manual":
-    rec = {k: params[k] for k in ("W", "bh") if k in params}
+    rec = {k: params[k] for k in ("W", "bh", "b") if k in params}
     hs, carry_T = recurrence(cell, rec, a, carry0, mask_tm, unroll)
   else:
     hs, carry_T, _ = recurrent_scan(cell, params, a, carry0, mask_tm, unroll=unroll)
-  return jnp.swapaxes(hs, 0, 1), carry_T
+  return hs, carry_T
 
 
 def _run_direction_remat(cell, params, xs, carry0, mask_tm, backward, unroll, impl, chunk):
@@ -248,16 +250,16 @@ def _run_direction_remat(cell, params, xs, carry0, mask_tm, backward, unroll, im
   `lax.scan` over chunks runs each chunk under `jax.checkpoint`, so the backward pass recomputes a
   chunk's forward (residuals included) just before running that chunk's backward. Peak memory
   for residuals drops from `O(T)` to `O(T / chunk + chunk)`; with `chunk ~ sqrt(T)` that is
-  `O(sqrt(T))`, for about one extra forward pass of compute.
+  `O(sqrt(T))`, for about one extra forward pass of compute. Time-major, as `_run_direction`.
   """
-  b, t = xs.shape[:2]
+  t, b = xs.shape[:2]
   n = -(-t // chunk)
   pad = n * chunk - t
   if pad:
-    xs = jnp.concatenate([xs, jnp.zeros((b, pad) + xs.shape[2:], xs.dtype)], axis=1)
+    xs = jnp.concatenate([xs, jnp.zeros((pad,) + xs.shape[1:], xs.dtype)], axis=0)
     valid = jnp.ones((t, b), bool) if mask_tm is None else mask_tm
     mask_tm = jnp.concatenate([valid, jnp.zeros((pad, b), bool)], axis=0)
-  xs_c = jnp.swapaxes(xs.reshape((b, n, chunk) + xs.shape[2:]), 0, 1)       # [n, B, k, D]
+  xs_c = xs.reshape((n, chunk) + xs.shape[1:])                              # [n, k, B, D]
   m_c = None if mask_tm is None else mask_tm.reshape(n, chunk, b)           # [n, k, B]
 
   @jax.checkpoint
@@ -266,9 +268,8 @@ def _run_direction_remat(cell, params, xs, carry0, mask_tm, backward, unroll, im
     hs, carry = _run_direction(cell, params, x, carry, m, backward, unroll, impl)
     return carry, hs
 
-  carry_T, hs = jax.lax.scan(body, tuple(carry0), (xs_c, m_c))
-  hs = jnp.swapaxes(hs, 0, 1).reshape((b, n * chunk) + hs.shape[3:])
-  return hs[:, :t], carry_T
+  carry_T, hs = jax.lax.scan(body, tuple(carry0), (xs_c, m_c))             # hs [n, k, B, H]
+  return hs.reshape((n * chunk,) + hs.shape[2:])[:t], carry_T
 
 
 def apply(spec: RNN, params: dict, xs: jax.Array, carry0=None, *, lengths=None, mask=None,
@@ -300,6 +301,23 @@ def apply(spec: RNN, params: dict, xs: jax.Array, carry0=None, *, lengths=None, 
     `(hs, carry_T)`: top-layer outputs `[..., T, dirs * H]` and the final carry in `carry0`'s
     layout (for each sequence, the state after its last valid step).
   """
+  batched, xs, carry0, mask = _prepare(spec, params, xs, carry0, lengths, mask, key, backward,
+                                       unroll, impl, remat)
+  hs, carry_T = _apply_time_major(spec, params, jnp.swapaxes(xs, 0, 1), carry0, mask, key,
+                                  backward, unroll, impl, remat)
+  hs = jnp.swapaxes(hs, 0, 1)
+  if not batched:
+    hs = hs[0]
+    carry_T = tuple(c[:, 0] for c in carry_T)
+  return hs, (carry_T[0] if spec.cell.carry_size == 1 else carry_T)
+
+
+def _prepare(spec, params, xs, carry0, lengths, mask, key, backward, unroll, impl, remat):
+  """Validate `apply`'s arguments and bring them to one batched form.
+
+  Returns:
+    `(batched, xs [B, T, D], carry0 tuple of [K, B, H], mask [B, T] bool or None)`.
+  """
   _check_spec(spec)
   check_params(spec, params)
   batch_shape, t = _validate_inputs(spec, xs, carry0, lengths, mask, key)
@@ -324,18 +342,26 @@ def apply(spec: RNN, params: dict, xs: jax.Array, carry0=None, *, lengths=None, 
     carry0 = initial_carry(spec, params, (b,), dtype)
   if spec.cell.carry_size == 1:
     carry0 = (carry0,)
-  carry0 = tuple(carry0)
-
   if mask is not None:
     mask = jnp.asarray(mask, bool)
   if lengths is not None:
     mask = jnp.arange(t)[None, :] < lengths[:, None]
+  return batched, xs, tuple(carry0), mask
+
+
+def _apply_time_major(spec, params, xs, carry0, mask, key, backward, unroll, impl, remat):
+  """The stack on time-major inputs: `xs [T, B, D] -> (hs [T, B, dirs * H], carry_T)`.
+
+  Every layer reads and writes time-major (the layout `lax.scan` slices), so a stack transposes
+  nothing between layers; `carry_T` is a tuple of `[K, B, H]`.
+  """
+  t, b = xs.shape[:2]
+  mask_tm = None if mask is None else mask.T
   rev_idx = None
   if spec.bidirectional:
     lens = (jnp.full((b,), t, jnp.int32) if mask is None
             else jnp.sum(mask, axis=1, dtype=jnp.int32))
     rev_idx = _reverse_index(lens, t)
-  mask_tm = None if mask is None else mask.T
 
   finals = [[] for _ in range(spec.cell.carry_size)]
   layer_in = xs
@@ -359,11 +385,7 @@ def apply(spec: RNN, params: dict, xs: jax.Array, carry0=None, *, lengths=None, 
       key, sub = jax.random.split(key)
       keep = jax.random.bernoulli(sub, 1.0 - spec.dropout, layer_in.shape)
       layer_in = jnp.where(keep, layer_in / (1.0 - spec.dropout), 0)
-  carry_T = tuple(jnp.stack(part) for part in finals)
-  if not batched:
-    layer_in = layer_in[0]
-    carry_T = tuple(c[:, 0] for c in carry_T)
-  return layer_in, (carry_T[0] if spec.cell.carry_size == 1 else carry_T)
+  return layer_in, tuple(jnp.stack(part) for part in finals)
 
 
 def initial_carry(spec: RNN, params: dict, batch_shape: tuple[int, ...] = (), dtype=None):
@@ -453,10 +475,19 @@ def loss(spec: RNN, params: dict, xs: jax.Array, targets: jax.Array, carry0=None
   _checks.check_sequence_input("xs", xs, spec.input_size)
   batch_time = _checks.shape_of(xs)[:-1]
   losses.check_targets(loss, targets, batch_time, spec.output_size)
-  hs, _ = apply(spec, params, xs, carry0, lengths=lengths, mask=mask, key=key,
-                backward=backward, unroll=unroll, impl=impl, remat=remat)
-  weights = mask
+  weights = mask                          # as given: bools, or real weights m_bt
+  batched, xs, carry0, mask = _prepare(spec, params, xs, carry0, lengths, mask, key, backward,
+                                       unroll, impl, remat)
   if lengths is not None:
-    steps = jnp.arange(batch_time[-1]).reshape((1,) * (len(batch_time) - 1) + (-1,))
-    weights = steps < jnp.asarray(lengths)[..., None]
-  return losses.total_loss(readout(spec, params, hs), targets, loss, weights)
+    weights = mask
+  # Time-major from here on: the scan's outputs feed the readout and the loss without a transpose
+  # of `hs`; only the (narrower) targets and weights are transposed.
+  hs, _ = _apply_time_major(spec, params, jnp.swapaxes(xs, 0, 1), carry0, mask, key, backward,
+                            unroll, impl, remat)
+  z = readout(spec, params, hs)                                                   # [T, B, O]
+  targets = jnp.swapaxes(targets if batched else targets[None], 0, 1)
+  step_losses = losses.step_losses(z, targets, loss)                              # [T, B]
+  if weights is not None:
+    weights = jnp.reshape(jnp.asarray(weights, z.dtype), xs.shape[:2])
+    step_losses = weights.T * step_losses
+  return jnp.sum(step_losses) / xs.shape[0]

@@ -6,8 +6,9 @@ Inside this module sequences are *time-major* (`[T, B, ...]`), the layout `lax.s
 Why the work is split the way it is: the scan body runs `T` times in sequence, so each op left in
 it pays a per-step dispatch cost and sees only a `[B, H]` slice. Everything that does not depend on
 `h_{t-1}` is therefore done outside it as one large contraction over all `B x T` positions: the
-input projection `a = U x + b` before the scan (`project`), the readout `V h + c` after it (in the
-callers). The scan body holds only `W h_{t-1}` and the cell's elementwise gates.
+input projection `U x` before the scan (`project`), the readout `V h + c` after it (in the
+callers). The scan body holds only `W h_{t-1}` and the cell's elementwise gates, into which the
+biases `b` and `bh` fuse at no extra cost.
 """
 from __future__ import annotations
 
@@ -31,16 +32,30 @@ class Saved(NamedTuple):
 
 
 def project(params: dict, xs: jax.Array) -> jax.Array:
-  """The input projection `a_t = U x_t + b` for all steps at once.
+  """The input projection `U x_t` for all steps at once, as one matmul.
+
+  The bias `b` is *not* added here: `recurrent_scan` adds it to `a_t` inside the scan body, where
+  it fuses into the gate arithmetic for free (added here it was a separate pass over the whole
+  `[T, B, G]` array; see experiments/PERF_NOTES.md).
 
   Args:
-    params: with `U [G, D]`, `b [G]`.
+    params: with `U [G, D]`.
     xs: `[B, T, D]` batch-first inputs.
 
   Returns:
     `[T, B, G]`, time-major, ready for `recurrent_scan`.
   """
-  return add_bias(jnp.einsum("btd,gd->tbg", xs, params["U"]), params["b"])
+  return project_time_major(params, jnp.swapaxes(xs, 0, 1))
+
+
+def project_time_major(params: dict, xs: jax.Array) -> jax.Array:
+  """`project` for time-major inputs: `xs [T, B, D] -> U x [T, B, G]` (no bias).
+
+  On batch-first inputs, `einsum("btd,gd->tbg")` made XLA (CPU) compute a `[G, B T]` product and
+  transpose the `[T, B, G]` result twice; transposing `x` (`D` wide) first is cheaper. (An explicit
+  `[T B, D] x [D, G]` matmul measured slower than this einsum: XLA picks better layouts for it.)
+  """
+  return jnp.einsum("tbd,gd->tbg", xs, params["U"])
 
 
 def recurrent_scan(cell: Cell, params: dict, a: jax.Array, carry0: Carry,
@@ -52,14 +67,15 @@ def recurrent_scan(cell: Cell, params: dict, a: jax.Array, carry0: Carry,
 
     carry = carry0
     for t in range(T):
-      new, res[t] = cell.pointwise(a[t], W @ carry.h + bh, carry)
+      new, res[t] = cell.pointwise(a[t] + b, W @ carry.h + bh, carry)
       carry = new where mask[t] else carry     # a masked step leaves the state unchanged
       hs[t] = carry.h where mask[t] else 0     # and outputs zeros
 
   Args:
     cell: the cell.
-    params: its params; only `W [G, H]` and the optional `bh [G]` are used here.
-    a: `[T, B, G]` input projections from `project`.
+    params: its params; only `W [G, H]`, the optional `bh [G]` and the optional input bias
+      `b [G]` are used here (`b` is added to `a_t` in the body: `a` comes from `project`).
+    a: `[T, B, G]` input projections `U x_t` from `project` (without `b`).
     carry0: tuple of `[B, H]`, the initial state.
     mask: `[T, B]` booleans, or None (every step valid).
     unroll: passed to `lax.scan`.
@@ -69,9 +85,12 @@ def recurrent_scan(cell: Cell, params: dict, a: jax.Array, carry0: Carry,
     and the `Saved` residuals for the manual backward pass.
   """
   project_h = recurrent_projector(params)
+  bias = params.get("b")
 
   def body(carry, inputs):
     a_t, m_t = inputs
+    if bias is not None:
+      a_t = add_bias(a_t, bias)
     new, res = cell.pointwise(a_t, project_h(carry[0]), carry)
     if m_t is not None:
       new = tuple(jnp.where(m_t[:, None], n, o) for n, o in zip(new, carry))
