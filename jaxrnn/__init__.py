@@ -7,9 +7,10 @@ Modules:
   elman     the seed's Elman network: init / step / forward / loss / manual_value_and_grad
   losses    per-step losses and their hand-derived gradients
   train     jitted Optax training steps
+  host_memory  opt-in glibc settings that stop XLA's CPU buffers being page-faulted in every step
 """
-from jaxrnn import (activations, backward, cells, checkpoint, data, elman, interop, loop, losses,
-                    parallel, parallel_scan, rnn, scan, tbptt, train)
+from jaxrnn import (activations, backward, cells, checkpoint, data, elman, host_memory, interop,
+                    loop, losses, parallel, parallel_scan, rnn, scan, tbptt, train)
 from jaxrnn.cells import Cell, elman as elman_cell, gru, lstm, mingru
 from jaxrnn.train import make_train_step
 
@@ -17,6 +18,6 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Cell", "activations", "backward", "cells", "checkpoint", "data", "elman", "elman_cell", "gru",
-    "interop", "loop", "losses", "lstm", "make_train_step", "mingru", "parallel", "parallel_scan",
-    "rnn", "scan", "tbptt", "train",
+    "host_memory", "interop", "loop", "losses", "lstm", "make_train_step",
+    "mingru", "parallel", "parallel_scan", "rnn", "scan", "tbptt", "train",
 ]

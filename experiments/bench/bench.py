@@ -47,6 +47,8 @@ import subprocess
 import sys
 import time
 
+from jaxrnn import host_memory
+
 try:
   from . import peers
 except ImportError:  # run as a script: python experiments/bench/bench.py
@@ -75,6 +77,11 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--no-donate", dest="donate", action="store_false",
                  help="do not donate params / optimiser state to the jitted JAX steps")
   p.add_argument("--threads", type=int, default=2, help="PyTorch intra-op threads (2)")
+  p.add_argument("--host-malloc", choices=("kept", "default"), default="kept",
+                 help="'kept' (default): relaunch with jaxrnn.host_memory.KEPT_MEMORY_ENV, glibc "
+                      "settings that reuse freed memory instead of page-faulting every step's "
+                      "buffers in again; applies to every implementation alike. 'default': "
+                      "glibc's defaults")
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--json", default=None, help="write the results as JSON here")
   p.add_argument("--markdown", default=None, help="write the tables as markdown here")
@@ -137,6 +144,9 @@ def machine_info() -> dict:
       "torch_threads": None,
       "xla_flags": os.environ.get("XLA_FLAGS"),
       "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
+      "host_malloc": ("kept (" + " ".join(f"{k}={v}" for k, v in
+                                          host_memory.KEPT_MEMORY_ENV.items()) + ")"
+                      if host_memory.memory_is_kept() else "glibc defaults"),
       "loadavg_start": os.getloadavg() if hasattr(os, "getloadavg") else None,
       "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
   }
@@ -376,6 +386,7 @@ def markdown(report: dict, impls: list[str]) -> str:
       "- versions: " + ", ".join(f"{k} {v}" for k, v in machine["versions"].items() if v),
       f"- JAX float32 2048^3 matmul: {report['matmul_gflops']:.1f} GFLOP/s",
       f"- protocol: {report['protocol']}",
+      f"- host malloc (every implementation, same process): {machine.get('host_malloc')}",
       "- step = forward over the sequence + per-step readout + loss + BPTT + Adam(1e-3), float32.",
       "- GFLOP/s count matmul FLOPs only: 3 x 2 B T (G H (D + H) + H O), G = 1/4/3 for "
       "elman/lstm/gru.",
@@ -423,6 +434,10 @@ def markdown(report: dict, impls: list[str]) -> str:
 
 def main(argv=None) -> None:
   args = parse_args(argv)
+  if args.host_malloc == "kept" and argv is None:
+    # Re-executes this command with the settings (glibc reads them at start-up only); the
+    # relaunched process and the memory subprocesses inherit them.
+    host_memory.relaunch_with_kept_memory()
   if args.memory_child:
     memory_child(args.memory_child)
     return
