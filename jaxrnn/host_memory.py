@@ -10,8 +10,8 @@ kernel time per LSTM-large step, 64 MB and ~25 ms per GRU char-LM step.
 `KEPT_MEMORY_ENV` is the glibc configuration that keeps freed memory in the process for reuse: one
 arena (worker threads share the main heap, which can grow to any size), no `mmap` below 1 GiB, no
 trimming of the heap's top below 2 GiB, 256 MB of padding when the heap grows. Measured
-(experiments/PERF_NOTES.md): LSTM large 410 -> 317 ms per step, GRU char-LM 50 -> 32 ms, no page
-faults left in steady state. The cost: the process keeps its peak heap size between steps, which
+(experiments/PERF_NOTES.md): LSTM large 410 -> 317 ms per step and 100k -> 0 page faults, GRU
+char-LM 50 -> 32 ms and 16k -> ~1-2k faults. The cost: the process keeps its peak heap size between steps, which
 is what a training loop needs again at the next step anyway.
 
 glibc reads these settings when a process starts (threads pick their arena at their first
