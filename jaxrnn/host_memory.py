@@ -11,8 +11,9 @@ kernel time per LSTM-large step, 64 MB and ~25 ms per GRU char-LM step.
 arena (worker threads share the main heap, which can grow to any size), no `mmap` below 1 GiB, no
 trimming of the heap's top below 2 GiB, 256 MB of padding when the heap grows. Measured
 (experiments/PERF_NOTES.md): LSTM large 410 -> 317 ms per step and 100k -> 0 page faults, GRU
-char-LM 50 -> 32 ms and 16k -> ~1-2k faults. The cost: the process keeps its peak heap size between steps, which
-is what a training loop needs again at the next step anyway.
+char-LM 50 -> 32 ms and 16k -> ~1-2k faults. The costs: the process keeps its peak heap size
+between steps (which a training loop needs again at the next step anyway), and with one arena the
+threads' small allocations contend: small shapes ran up to ~25% slower (LSTM B=1: 3.1 -> 3.9 ms).
 
 glibc reads these settings when a process starts (threads pick their arena at their first
 allocation, and NumPy's and XLA's thread pools allocate at import and start-up), so they cannot be

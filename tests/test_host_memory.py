@@ -1,4 +1,4 @@
-"""jaxrnn.host_memory: with the kept-memory settings, freed XLA buffers are reused, not re-faulted."""
+"""jaxrnn.host_memory: with the kept-memory settings, freed XLA buffers are reused."""
 import os
 import subprocess
 import sys
