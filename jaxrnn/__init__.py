@@ -7,7 +7,7 @@ Modules:
   elman     the seed's Elman network: init / step / forward / loss / manual_value_and_grad
   losses    per-step losses and their hand-derived gradients
   train     jitted Optax training steps
-  host_memory  opt-in glibc settings that stop XLA's CPU buffers being page-faulted in every step
+  host_memory  opt-in huge pages for XLA's per-step CPU buffers (fewer page faults)
 """
 from jaxrnn import (activations, backward, cells, checkpoint, data, elman, host_memory, interop,
                     loop, losses, parallel, parallel_scan, rnn, scan, tbptt, train)

@@ -1,60 +1,67 @@
-"""Host (CPU) memory: keep the memory XLA frees for the next training step instead of returning it.
+"""Host (CPU) memory: back XLA's large per-step buffers with transparent huge pages.
 
 On CPU, every execution of a jitted step allocates its temporary buffer (all residuals and
 gradients: ~400 MB for the benchmark's large LSTM) with `malloc` and frees it at the end. With
-glibc's defaults a block that large gets a fresh `mmap` and is handed back with `munmap` (blocks
-from XLA's worker threads come from per-thread arenas, which cannot hold it at all), so every step
-page-faults the whole buffer in again: measured on the project's 2-core box, 400 MB and ~150 ms of
-kernel time per LSTM-large step, 64 MB and ~25 ms per GRU char-LM step.
+glibc's defaults a block that large gets a fresh `mmap` and is handed back with `munmap`, so every
+step page-faults the whole buffer in again, 4 KB at a time: measured on the project's 2-core box,
+100k faults and ~150 ms of kernel time per LSTM-large step (a third of the step), 16k faults and
+~25 ms per GRU char-LM step.
 
-`KEPT_MEMORY_ENV` is the glibc configuration that keeps freed memory in the process for reuse: one
-arena (worker threads share the main heap, which can grow to any size), no `mmap` below 1 GiB, no
-trimming of the heap's top below 2 GiB, 256 MB of padding when the heap grows. Measured
-(experiments/PERF_NOTES.md): LSTM large 410 -> 317 ms per step and 100k -> 0 page faults, GRU
-char-LM 50 -> 32 ms and 16k -> ~1-2k faults. The costs: the process keeps its peak heap size
-between steps (which a training loop needs again at the next step anyway), and with one arena the
-threads' small allocations contend: small shapes ran up to ~25% slower (LSTM B=1: 3.1 -> 3.9 ms).
+`HUGE_PAGES_ENV` asks glibc (2.35 or later) to `madvise` its memory for transparent huge pages
+(`GLIBC_TUNABLES=glibc.malloc.hugetlb=1`), so the same buffers fault in 2 MB at a time, 512 times
+fewer faults. Measured (experiments/PERF_NOTES.md): LSTM large 410 -> 339 ms per step and
+100k -> 650 faults, GRU char-LM 50 -> 32 ms, small shapes unchanged. It needs the kernel's
+transparent huge pages in `always` or `madvise` mode (`/sys/kernel/mm/transparent_hugepage/enabled`;
+`madvise` is the usual default) and does nothing otherwise.
 
-glibc reads these settings when a process starts (threads pick their arena at their first
-allocation, and NumPy's and XLA's thread pools allocate at import and start-up), so they cannot be
-switched on reliably from inside a running program. Either start Python with them::
+(Keeping the freed memory in the process instead — `MALLOC_ARENA_MAX=1` with large mmap and trim
+thresholds — removed the faults as well, but one malloc arena made small shapes up to 25% slower;
+see the notes.)
 
-  MALLOC_ARENA_MAX=1 MALLOC_MMAP_THRESHOLD_=1073741824 MALLOC_TRIM_THRESHOLD_=2147483647 \\
-  MALLOC_TOP_PAD_=268435456 python train.py
+glibc reads tunables when a process starts, so this cannot be switched on from inside a running
+program. Either start Python with it::
 
-or call `relaunch_with_kept_memory()` first thing in the script, which re-executes the same command
-line with them set (a no-op when they already are, or off Linux). They change process-wide
-allocator behaviour, so nothing in jaxrnn applies them unasked.
+  GLIBC_TUNABLES=glibc.malloc.hugetlb=1 python train.py
+
+or call `relaunch_with_huge_pages()` first thing in the script, which re-executes the same command
+line with it set (a no-op when it already is, or off Linux). It changes process-wide allocator
+behaviour, so nothing in jaxrnn applies it unasked.
 """
 from __future__ import annotations
 
 import os
 import sys
 
-KEPT_MEMORY_ENV = {
-    "MALLOC_ARENA_MAX": "1",
-    "MALLOC_MMAP_THRESHOLD_": str(1 << 30),
-    "MALLOC_TRIM_THRESHOLD_": str(2**31 - 1),
-    "MALLOC_TOP_PAD_": str(256 << 20),
-}
+HUGE_PAGES_TUNABLE = "glibc.malloc.hugetlb=1"
+HUGE_PAGES_ENV = {"GLIBC_TUNABLES": HUGE_PAGES_TUNABLE}
 
 
-def memory_is_kept(environ=None) -> bool:
-  """Whether `environ` (default: this process's environment) has every `KEPT_MEMORY_ENV` setting."""
+def huge_pages_requested(environ=None) -> bool:
+  """Whether `environ` (default: this process's environment) sets `HUGE_PAGES_TUNABLE`."""
   environ = os.environ if environ is None else environ
-  return all(environ.get(k) == v for k, v in KEPT_MEMORY_ENV.items())
+  return HUGE_PAGES_TUNABLE in environ.get("GLIBC_TUNABLES", "").split(":")
 
 
-def relaunch_with_kept_memory() -> None:
-  """Re-execute this program's exact command line with `KEPT_MEMORY_ENV` added to its environment.
+def with_huge_pages(environ=None) -> dict:
+  """A copy of `environ` (default: `os.environ`) with `HUGE_PAGES_TUNABLE` added to any
+  `GLIBC_TUNABLES` already there (e.g. for a subprocess)."""
+  env = dict(os.environ if environ is None else environ)
+  if not huge_pages_requested(env):
+    tunables = [t for t in env.get("GLIBC_TUNABLES", "").split(":")
+                if t and not t.startswith("glibc.malloc.hugetlb=")]
+    env["GLIBC_TUNABLES"] = ":".join(tunables + [HUGE_PAGES_TUNABLE])
+  return env
+
+
+def relaunch_with_huge_pages() -> None:
+  """Re-execute this program's exact command line with `HUGE_PAGES_TUNABLE` in its environment.
 
   Call it first thing in a script (it does not return when it relaunches). It returns at once when
-  the settings are already in place or the platform is not Linux (glibc); the relaunched process
-  sees them and returns at once too, so it never loops.
+  the tunable is already set or the platform is not Linux (glibc); the relaunched process sees it
+  and returns at once too, so it never loops.
   """
-  if memory_is_kept() or not sys.platform.startswith("linux"):
+  if huge_pages_requested() or not sys.platform.startswith("linux"):
     return
   sys.stdout.flush()
   sys.stderr.flush()
-  os.execve(sys.executable, [sys.executable] + sys.orig_argv[1:],
-            {**os.environ, **KEPT_MEMORY_ENV})
+  os.execve(sys.executable, [sys.executable] + sys.orig_argv[1:], with_huge_pages())

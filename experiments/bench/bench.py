@@ -77,10 +77,10 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--no-donate", dest="donate", action="store_false",
                  help="do not donate params / optimiser state to the jitted JAX steps")
   p.add_argument("--threads", type=int, default=2, help="PyTorch intra-op threads (2)")
-  p.add_argument("--host-malloc", choices=("kept", "default"), default="kept",
-                 help="'kept' (default): relaunch with jaxrnn.host_memory.KEPT_MEMORY_ENV, glibc "
-                      "settings that reuse freed memory instead of page-faulting every step's "
-                      "buffers in again; applies to every implementation alike. 'default': "
+  p.add_argument("--host-malloc", choices=("hugepages", "default"), default="hugepages",
+                 help="'hugepages' (default): relaunch with GLIBC_TUNABLES=glibc.malloc.hugetlb=1 "
+                      "(jaxrnn.host_memory), so every step's big buffers fault in 2 MB rather "
+                      "than 4 KB at a time; applies to every implementation alike. 'default': "
                       "glibc's defaults")
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--json", default=None, help="write the results as JSON here")
@@ -144,9 +144,8 @@ def machine_info() -> dict:
       "torch_threads": None,
       "xla_flags": os.environ.get("XLA_FLAGS"),
       "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
-      "host_malloc": ("kept (" + " ".join(f"{k}={v}" for k, v in
-                                          host_memory.KEPT_MEMORY_ENV.items()) + ")"
-                      if host_memory.memory_is_kept() else "glibc defaults"),
+      "host_malloc": (f"huge pages (GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES')})"
+                      if host_memory.huge_pages_requested() else "glibc defaults"),
       "loadavg_start": os.getloadavg() if hasattr(os, "getloadavg") else None,
       "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
   }
@@ -434,10 +433,10 @@ def markdown(report: dict, impls: list[str]) -> str:
 
 def main(argv=None) -> None:
   args = parse_args(argv)
-  if args.host_malloc == "kept" and argv is None:
-    # Re-executes this command with the settings (glibc reads them at start-up only); the
-    # relaunched process and the memory subprocesses inherit them.
-    host_memory.relaunch_with_kept_memory()
+  if args.host_malloc == "hugepages" and argv is None:
+    # Re-executes this command with the tunable (glibc reads it at start-up only); the relaunched
+    # process and the memory subprocesses inherit it.
+    host_memory.relaunch_with_huge_pages()
   if args.memory_child:
     memory_child(args.memory_child)
     return
