@@ -10,7 +10,9 @@ step page-faults the whole buffer in again, 4 KB at a time: measured on the proj
 `HUGE_PAGES_ENV` asks glibc (2.35 or later) to `madvise` its memory for transparent huge pages
 (`GLIBC_TUNABLES=glibc.malloc.hugetlb=1`), so the same buffers fault in 2 MB at a time, 512 times
 fewer faults. Measured (experiments/PERF_NOTES.md): LSTM large 410 -> 339 ms per step and
-100k -> 650 faults, GRU char-LM 50 -> 32 ms, small shapes unchanged. It needs the kernel's
+100k -> 650 faults, GRU char-LM 50 -> 32 ms, small shapes unchanged, in a process training one
+model; in the benchmark's long process, where nine frameworks' buffers come and go, it was erratic
+on the large shapes, so measure it on your own job. It needs the kernel's
 transparent huge pages in `always` or `madvise` mode (`/sys/kernel/mm/transparent_hugepage/enabled`;
 `madvise` is the usual default) and does nothing otherwise.
 

@@ -77,11 +77,12 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--no-donate", dest="donate", action="store_false",
                  help="do not donate params / optimiser state to the jitted JAX steps")
   p.add_argument("--threads", type=int, default=2, help="PyTorch intra-op threads (2)")
-  p.add_argument("--host-malloc", choices=("hugepages", "default"), default="hugepages",
-                 help="'hugepages' (default): relaunch with GLIBC_TUNABLES=glibc.malloc.hugetlb=1 "
-                      "(jaxrnn.host_memory), so every step's big buffers fault in 2 MB rather "
-                      "than 4 KB at a time; applies to every implementation alike. 'default': "
-                      "glibc's defaults")
+  p.add_argument("--host-malloc", choices=("default", "hugepages"), default="default",
+                 help="'default': glibc's defaults. 'hugepages': relaunch with GLIBC_TUNABLES="
+                      "glibc.malloc.hugetlb=1 (jaxrnn.host_memory), so every step's big buffers "
+                      "fault in 2 MB rather than 4 KB at a time; applies to every implementation "
+                      "alike (measured erratic on the large shapes in this long multi-framework "
+                      "process; see experiments/PERF_NOTES.md)")
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--json", default=None, help="write the results as JSON here")
   p.add_argument("--markdown", default=None, help="write the tables as markdown here")
