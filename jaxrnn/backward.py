@@ -102,15 +102,18 @@ def recurrent_scan_bwd(cell: Cell, params: dict, a: jax.Array, carry0: Carry,
   return d_rec, d_a, d_carry0
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 5))
-def recurrence(cell: Cell, rec_params: dict, a: jax.Array, carry0: Carry,
+SCAN_PARAMS = ("W", "bh", "b")  # the entries of a cell's params that `recurrent_scan` reads
+
+
+def recurrence(cell: Cell, params: dict, a: jax.Array, carry0: Carry,
                mask: Optional[jax.Array], unroll: int = 1) -> tuple[jax.Array, Carry]:
   """`recurrent_scan` whose gradient is the manual backward pass (via `jax.custom_vjp`).
 
   Args:
     cell: the cell (static).
-    rec_params: `{"W": [G, H]}` plus `"bh": [G]` if the cell has it (no `W` for a cell without
-      recurrent weights), and the input bias `"b": [G]`, added to `a_t` inside the scan.
+    params: the cell's params (other entries, e.g. `U` or a readout, are ignored and get zero
+      gradient): `W [G, H]` and `bh [G]` where the cell has them, and the input bias `b [G]`,
+      added to `a_t` inside the scan.
     a: `[T, B, G]` input projections `U x_t` (without `b`).
     carry0: tuple of `[B, H]`.
     mask: `[T, B]` booleans or None.
@@ -119,7 +122,13 @@ def recurrence(cell: Cell, rec_params: dict, a: jax.Array, carry0: Carry,
   Returns:
     `(hs [T, B, H], carry_T)`.
   """
-  hs, carry_T, _ = recurrent_scan(cell, rec_params, a, carry0, mask, unroll=unroll)
+  scan_params = {k: params[k] for k in SCAN_PARAMS if k in params}
+  return _recurrence(cell, scan_params, a, carry0, mask, unroll)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 5))
+def _recurrence(cell, scan_params, a, carry0, mask, unroll):
+  hs, carry_T, _ = recurrent_scan(cell, scan_params, a, carry0, mask, unroll=unroll)
   return hs, carry_T
 
 
@@ -136,4 +145,4 @@ def _recurrence_bwd(cell, unroll, residuals, cotangents):
   return d_rec, d_a, d_carry0, None
 
 
-recurrence.defvjp(_recurrence_fwd, _recurrence_bwd)
+_recurrence.defvjp(_recurrence_fwd, _recurrence_bwd)

@@ -155,7 +155,7 @@ def _hidden_states(params, xs, h0, f, backward, unroll=1):
   cell = _elman_cell(f)
   a = project(params, xs3)
   if backward == "manual":
-    hs, _ = recurrence(cell, {"W": params["W"], "b": params["b"]}, a, carry0, None, unroll)
+    hs, _ = recurrence(cell, params, a, carry0, None, unroll)
   else:
     hs, _, _ = recurrent_scan(cell, params, a, carry0, unroll=unroll)
   return batched, jnp.swapaxes(hs, 0, 1)
@@ -267,7 +267,7 @@ def manual_value_and_grad(params: dict, xs: jax.Array, targets: jax.Array,
   grads = {
       "U": jnp.einsum("tbh,btd->hd", d_a, xs3),
       "W": d_rec["W"],
-      "b": jnp.sum(d_a, axis=(0, 1)),
+      "b": d_rec["b"],
       "V": jnp.einsum("bto,bth->oh", d_z, hs),
       "c": jnp.sum(d_z, axis=(0, 1)),
   }

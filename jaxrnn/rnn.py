@@ -236,8 +236,7 @@ def _run_direction(cell, params, xs, carry0, mask_tm, backward, unroll, impl="se
     hs, carry_T = cell.parallel_scan(base.add_bias(a, params["b"]), carry0, mask_tm,
                                      backward=backward)
   elif backward == "manual":
-    rec = {k: params[k] for k in ("W", "bh", "b") if k in params}
-    hs, carry_T = recurrence(cell, rec, a, carry0, mask_tm, unroll)
+    hs, carry_T = recurrence(cell, params, a, carry0, mask_tm, unroll)
   else:
     hs, carry_T, _ = recurrent_scan(cell, params, a, carry0, mask_tm, unroll=unroll)
   return hs, carry_T

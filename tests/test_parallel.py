@@ -204,17 +204,24 @@ def case_layout(out):
   assert "all-reduce" in hlo.compile().as_text()
 
 
-def case_non_divisible(out):
-  import optax
-  import pytest
-  from jaxrnn import parallel, rnn
-  spec, params, (xs, ys, lengths), _ = _problem()
+def _counting_loss(spec):
+  """`(traced, loss_fn)`: an `rnn.loss` with lengths that appends to `traced` each time it traces."""
+  from jaxrnn import rnn
   traced = []
 
   def loss_fn(params, xs, targets, lengths):
     traced.append(1)
     return rnn.loss(spec, params, xs, targets, lengths=lengths)
 
+  return traced, loss_fn
+
+
+def case_non_divisible(out):
+  import optax
+  import pytest
+  from jaxrnn import parallel
+  spec, params, (xs, ys, lengths), _ = _problem()
+  traced, loss_fn = _counting_loss(spec)
   opt = optax.adam(1e-2)
   step = parallel.make_sharded_train_step(loss_fn, opt, parallel.make_mesh(4))
   with pytest.raises(ValueError, match=r"xs \(argument 2 of the train step\) has batch size 6 "
@@ -238,14 +245,9 @@ def case_non_divisible(out):
 def case_no_recompile(out):
   import jax
   import optax
-  from jaxrnn import parallel, rnn
+  from jaxrnn import parallel
   spec, params, batch, _ = _problem()
-  traced = []
-
-  def loss_fn(params, xs, targets, lengths):
-    traced.append(1)
-    return rnn.loss(spec, params, xs, targets, lengths=lengths)
-
+  traced, loss_fn = _counting_loss(spec)
   opt = optax.adam(1e-2)
   step = parallel.make_sharded_train_step(loss_fn, opt, parallel.make_mesh(4))
   state = opt.init(params)

@@ -218,12 +218,11 @@ def forward(params: dict, xs: jax.Array, h0: Optional[jax.Array] = None, *,
   from jaxrnn.backward import recurrence
   from jaxrnn.scan import project, recurrent_scan
   a = project(params, xs3)                       # U x_t; the scans add b (parallel_scan: here)
-  bias = {"b": params["b"]}
   if impl == "parallel":
     hs, (h_T,) = parallel_scan(add_bias(a, params["b"]), (h0,), mask_tm, backward=backward)
   elif backward == "manual":
-    hs, (h_T,) = recurrence(mingru(), bias, a, (h0,), mask_tm, 1)
+    hs, (h_T,) = recurrence(mingru(), params, a, (h0,), mask_tm, 1)
   else:
-    hs, (h_T,), _ = recurrent_scan(mingru(), bias, a, (h0,), mask_tm)
+    hs, (h_T,), _ = recurrent_scan(mingru(), params, a, (h0,), mask_tm)
   hs = jnp.swapaxes(hs, 0, 1)
   return (hs, h_T) if batched else (hs[0], h_T[0])
