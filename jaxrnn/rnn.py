@@ -177,7 +177,7 @@ def _validate_inputs(spec, xs, carry0, lengths, mask, key):
   if lengths is not None:
     _checks.check_shape("lengths", lengths, batch_shape, " (one length per sequence)")
     _checks.check_int("lengths", lengths)
-    if not isinstance(lengths, jax.core.Tracer):
+    if _checks.concrete(lengths):
       arr = np.asarray(lengths)
       if arr.size and (arr.min() < 1 or arr.max() > t):
         raise ValueError(f"lengths must lie in [1, T={t}]; got min {arr.min()}, max {arr.max()}.")

@@ -30,6 +30,13 @@ Usage (from the repository root):
   python experiments/bench/bench.py --json runs/bench.json --markdown runs/bench.md
   python experiments/bench/bench.py --cells lstm --configs large --impls jaxrnn,torch,flax-linen
   python experiments/bench/bench.py --measure-memory --json runs/bench.json
+  python experiments/bench/bench.py --device cuda --json runs/gpu.json   # JAX GPU vs torch+cuDNN
+
+`--device cuda` runs PyTorch on the GPU (cuDNN's RNN kernels, fused Adam) and requires JAX's
+default backend to be a GPU; `--device cpu` (the default) pins JAX to the CPU. Each framework keeps
+its own default float32 matmul precision (on the GPU both allow TF32 for the recurrent matmuls by
+default: JAX's `DEFAULT` precision, PyTorch's `cudnn.allow_tf32`); the report records the settings.
+The JSON file is rewritten after every (cell, config), so an interrupted run keeps what it measured.
 """
 from __future__ import annotations
 
@@ -77,6 +84,9 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--no-donate", dest="donate", action="store_false",
                  help="do not donate params / optimiser state to the jitted JAX steps")
   p.add_argument("--threads", type=int, default=2, help="PyTorch intra-op threads (2)")
+  p.add_argument("--device", choices=peers.DEVICES, default="cpu",
+                 help="where every implementation runs: 'cpu' (JAX pinned to the CPU) or 'cuda' "
+                      "(JAX's default backend must be a GPU; PyTorch on CUDA with cuDNN)")
   p.add_argument("--host-malloc", choices=("default", "hugepages"), default="default",
                  help="'default': glibc's defaults. 'hugepages': relaunch with GLIBC_TUNABLES="
                       "glibc.malloc.hugetlb=1 (jaxrnn.host_memory), so every step's big buffers "
@@ -97,6 +107,8 @@ def parse_args(argv=None) -> argparse.Namespace:
   args.impls = _comma_list("impls", args.impls, peers.IMPLS)
   if args.repeats < 1 or args.warmup < 1 or args.target_s <= 0:
     p.error("--repeats and --warmup must be >= 1 and --target-s > 0.")
+  if args.device == "cuda" and (args.measure_memory or args.host_malloc != "default"):
+    p.error("--measure-memory and --host-malloc measure host memory: --device cpu only.")
   return args
 
 
@@ -150,6 +162,32 @@ def machine_info() -> dict:
       "loadavg_start": os.getloadavg() if hasattr(os, "getloadavg") else None,
       "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
   }
+
+
+def use_device(device: str) -> dict:
+  """Put JAX on `device` ("cpu" pins it; "cuda" requires a GPU default backend); describe it."""
+  import jax
+  if device == "cpu":
+    jax.config.update("jax_platforms", "cpu")  # no effect if a backend is already up
+    if jax.default_backend() != "cpu":
+      raise SystemExit(f"--device cpu: JAX already runs on {jax.default_backend()!r}; set "
+                       "JAX_PLATFORMS=cpu.")
+  elif jax.default_backend() != "gpu":
+    raise SystemExit(f"--device cuda: JAX's default backend is {jax.default_backend()!r}, not a "
+                     "GPU; install a CUDA jaxlib or run with --device cpu.")
+  info = {"device": device, "jax_backend": jax.default_backend(),
+          "jax_device": jax.devices()[0].device_kind,
+          "jax_default_matmul_precision": jax.config.jax_default_matmul_precision}
+  if device == "cuda":
+    try:
+      import torch
+      info.update(torch_cuda=torch.version.cuda, torch_cudnn=torch.backends.cudnn.version(),
+                  torch_device=torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+                  torch_cudnn_allow_tf32=torch.backends.cudnn.allow_tf32,
+                  torch_matmul_allow_tf32=torch.backends.cuda.matmul.allow_tf32)
+    except ImportError:
+      pass
+  return info
 
 
 def matmul_gflops(n: int = 2048, repeats: int = 5) -> float:
@@ -210,7 +248,7 @@ def bench_case(cell: str, config: str, args, log=print) -> list[dict]:
            "loss_initial": None, "loss_after_warmup": None, "loss_check": None}
     try:
       runner = peers.build(impl, cell, cfg, seed=args.seed, donate=args.donate,
-                           threads=args.threads)
+                           threads=args.threads, device=args.device)
     except peers.NotApplicable:
       continue
     except peers.Missing as exc:
@@ -315,6 +353,7 @@ def _proc_status_mb(field: str) -> float:
 def memory_child(spec: str) -> None:
   """Entry point of the subprocess: import, build, first call + 3 steps, print peak RSS as JSON."""
   job = json.loads(spec)
+  use_device("cpu")
   cfg = peers.CONFIGS[job["config"]]
   peers.import_framework(job["impl"])
   baseline = _proc_status_mb("VmRSS")
@@ -368,6 +407,19 @@ def _cell_text(row, key, fmt):
   return text
 
 
+def _device_lines(machine: dict) -> list[str]:
+  """The accelerator lines of the report (none for a CPU run)."""
+  if machine.get("device") != "cuda":
+    return []
+  return [f"- device: {machine.get('jax_device')} (JAX backend {machine.get('jax_backend')}); "
+          f"PyTorch sees {machine.get('torch_device')}, CUDA {machine.get('torch_cuda')}, cuDNN "
+          f"{machine.get('torch_cudnn')}",
+          f"- float32 matmul precision: JAX default_matmul_precision="
+          f"{machine.get('jax_default_matmul_precision')} (None = XLA's DEFAULT); PyTorch "
+          f"cudnn.allow_tf32={machine.get('torch_cudnn_allow_tf32')}, "
+          f"cuda.matmul.allow_tf32={machine.get('torch_matmul_allow_tf32')}"]
+
+
 def markdown(report: dict, impls: list[str]) -> str:
   """The report as markdown: ms/step with the ratio, then GFLOP/s, tokens/s, first call, memory."""
   machine = report["machine"]
@@ -383,8 +435,10 @@ def markdown(report: dict, impls: list[str]) -> str:
       "",
       f"- machine: {machine['cpu']}, {machine['cores']} cores; {machine['platform']}; "
       f"load average {machine.get('loadavg_start')} at start, {machine.get('loadavg_end')} at end",
+      *_device_lines(machine),
       "- versions: " + ", ".join(f"{k} {v}" for k, v in machine["versions"].items() if v),
-      f"- JAX float32 2048^3 matmul: {report['matmul_gflops']:.1f} GFLOP/s",
+      f"- JAX float32 {machine.get('matmul_n', 2048)}^3 matmul: {report['matmul_gflops']:.1f} "
+      "GFLOP/s",
       f"- protocol: {report['protocol']}",
       f"- host malloc (every implementation, same process): {machine.get('host_malloc')}",
       "- step = forward over the sequence + per-step readout + loss + BPTT + Adam(1e-3), float32.",
@@ -450,10 +504,16 @@ def main(argv=None) -> None:
     print(f"warning: load average {load[0]:.1f} on {machine['cores']} cores before starting: other "
           "processes compete for the CPUs and the timings will be noisy (PyTorch's OpenMP threads "
           "suffer most: a 2-thread barrier waits for a descheduled thread).", flush=True)
+  machine.update(use_device(args.device))
+  print(f"device: {args.device}; JAX on {machine['jax_device']} ({machine['jax_backend']})",
+        flush=True)
+  # A GPU needs a bigger product to reach its rate; the CPU's 2048^3 is kept for comparability.
+  matmul_n = 8192 if args.device == "cuda" else 2048
+  machine["matmul_n"] = matmul_n
   gflops = float("nan")
   try:
-    gflops = matmul_gflops()
-    print(f"JAX float32 2048^3 matmul: {gflops:.1f} GFLOP/s", flush=True)
+    gflops = matmul_gflops(matmul_n)
+    print(f"JAX float32 {matmul_n}^3 matmul: {gflops:.1f} GFLOP/s", flush=True)
   except Exception as exc:  # noqa: BLE001
     print(f"matmul benchmark failed: {_short_error(exc)}")
   if "torch" in args.impls:
@@ -465,6 +525,19 @@ def main(argv=None) -> None:
       pass
 
   results, summary = [], []
+
+  def make_report(complete=False):
+    return {
+        "machine": machine,
+        "matmul_gflops": gflops,
+        "protocol": (f"{args.repeats} interleaved repeats of ~{args.target_s} s per impl, median; "
+                     f"{args.warmup} warm-up steps; donate={args.donate}; seed={args.seed}"),
+        "complete": complete,
+        "wall_s": time.perf_counter() - start,
+        "results": results,
+        "summary": summary,
+    }
+
   for cell in args.cells:
     for config in args.configs:
       cfg = peers.CONFIGS[config]
@@ -479,26 +552,27 @@ def main(argv=None) -> None:
         if s["ratio"] is not None:
           print(f"  jaxrnn {s['jaxrnn_ms']:.2f} ms/step; fastest peer {s['fastest_peer']} "
                 f"{s['fastest_peer_ms']:.2f} ms/step; ratio {s['ratio']:.2f}", flush=True)
+      if args.json:  # what is measured so far, in case the run is cut short
+        _write(args.json, json.dumps(make_report(), indent=2))
 
   machine["loadavg_end"] = os.getloadavg() if hasattr(os, "getloadavg") else None
-  report = {
-      "machine": machine,
-      "matmul_gflops": gflops,
-      "protocol": (f"{args.repeats} interleaved repeats of ~{args.target_s} s per impl, median; "
-                   f"{args.warmup} warm-up steps; donate={args.donate}; seed={args.seed}"),
-      "wall_s": time.perf_counter() - start,
-      "results": results,
-      "summary": summary,
-  }
+  report = make_report(complete=True)
   text = markdown(report, args.impls)
   print()
   print(text)
   print(f"total {report['wall_s']:.0f} s")
   for path, content in ((args.json, json.dumps(report, indent=2)), (args.markdown, text)):
     if path:
-      os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-      with open(path, "w") as f:
-        f.write(content if content.endswith("\n") else content + "\n")
+      _write(path, content)
+
+
+def _write(path: str, content: str) -> None:
+  """Write `content` to `path` through a temporary file, so a reader never sees half of it."""
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  tmp = f"{path}.tmp"
+  with open(tmp, "w") as f:
+    f.write(content if content.endswith("\n") else content + "\n")
+  os.replace(tmp, path)
 
 
 if __name__ == "__main__":

@@ -65,6 +65,7 @@ REQUIREMENTS = {
 IMPLS = tuple(REQUIREMENTS)
 JAXRNN_IMPLS = ("jaxrnn", "jaxrnn-autodiff")
 PEERS = tuple(i for i in IMPLS if i not in JAXRNN_IMPLS)
+DEVICES = ("cpu", "cuda")
 
 
 class Missing(Exception):
@@ -140,7 +141,7 @@ def import_framework(impl: str) -> None:
 
 
 def build(impl: str, cell: str, cfg: Config, *, seed: int = 0, donate: bool = True,
-          threads: int = 2) -> Runner:
+          threads: int = 2, device: str = "cpu") -> Runner:
   """Build `impl` for `cell` and `cfg` on the data of `make_data(cfg, seed)`.
 
   Args:
@@ -150,6 +151,8 @@ def build(impl: str, cell: str, cfg: Config, *, seed: int = 0, donate: bool = Tr
     seed: seeds the data and the params.
     donate: donate params and optimiser state to the jitted JAX steps.
     threads: intra-op threads for PyTorch.
+    device: "cpu" or "cuda". PyTorch builds its model and data there; JAX implementations run on
+      JAX's default backend, which the caller (`bench.py --device`) has checked matches.
 
   Raises:
     Missing: the framework is not installed.
@@ -159,11 +162,14 @@ def build(impl: str, cell: str, cfg: Config, *, seed: int = 0, donate: bool = Tr
     raise ValueError(f"impl must be one of {list(IMPLS)}; got {impl!r}.")
   if cell not in CELLS:
     raise ValueError(f"cell must be one of {list(CELLS)}; got {cell!r}.")
+  if device not in DEVICES:
+    raise ValueError(f"device must be one of {list(DEVICES)}; got {device!r}.")
   if impl.endswith("-optlstm") and cell != "lstm":
     raise NotApplicable(f"{impl} exists for lstm only")
   import_framework(impl)
   xs, ys = make_data(cfg, seed)
-  return BUILDERS[impl](impl, cell, cfg, xs, ys, seed=seed, donate=donate, threads=threads)
+  return BUILDERS[impl](impl, cell, cfg, xs, ys, seed=seed, donate=donate, threads=threads,
+                        device=device)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -212,8 +218,8 @@ def _optax_step(loss_fn):
 # jaxrnn.
 
 
-def _build_jaxrnn(impl, cell, cfg, xs, ys, *, seed, donate, threads):
-  del threads
+def _build_jaxrnn(impl, cell, cfg, xs, ys, *, seed, donate, threads, device):
+  del threads, device  # JAX's default backend (see build)
   import jax
   import optax
   import jaxrnn
@@ -261,8 +267,8 @@ def _build_jaxrnn(impl, cell, cfg, xs, ys, *, seed, donate, threads):
 # Flax linen.
 
 
-def _build_flax_linen(impl, cell, cfg, xs, ys, *, seed, donate, threads):
-  del threads
+def _build_flax_linen(impl, cell, cfg, xs, ys, *, seed, donate, threads, device):
+  del threads, device  # JAX's default backend (see build)
   import jax
   import flax.linen as nn
   cell_cls = {"elman": nn.SimpleCell, "lstm": nn.LSTMCell, "gru": nn.GRUCell}[cell]
@@ -287,8 +293,8 @@ def _build_flax_linen(impl, cell, cfg, xs, ys, *, seed, donate, threads):
 # Flax NNX.
 
 
-def _build_flax_nnx(impl, cell, cfg, xs, ys, *, seed, donate, threads):
-  del threads
+def _build_flax_nnx(impl, cell, cfg, xs, ys, *, seed, donate, threads, device):
+  del threads, device  # JAX's default backend (see build)
   from flax import nnx
   cell_cls = {"elman": nnx.SimpleCell, "lstm": nnx.LSTMCell, "gru": nnx.GRUCell}[cell]
   if impl == "flax-nnx-optlstm":
@@ -322,8 +328,8 @@ def _build_flax_nnx(impl, cell, cfg, xs, ys, *, seed, donate, threads):
 # Haiku.
 
 
-def _build_haiku(impl, cell, cfg, xs, ys, *, seed, donate, threads):
-  del threads
+def _build_haiku(impl, cell, cfg, xs, ys, *, seed, donate, threads, device):
+  del threads, device  # JAX's default backend (see build)
   import jax
   import jax.numpy as jnp
   import haiku as hk
@@ -346,8 +352,8 @@ def _build_haiku(impl, cell, cfg, xs, ys, *, seed, donate, threads):
 # Equinox.
 
 
-def _build_equinox(impl, cell, cfg, xs, ys, *, seed, donate, threads):
-  del threads
+def _build_equinox(impl, cell, cfg, xs, ys, *, seed, donate, threads, device):
+  del threads, device  # JAX's default backend (see build)
   import jax
   import jax.numpy as jnp
   import equinox as eqx
@@ -400,18 +406,24 @@ def _build_equinox(impl, cell, cfg, xs, ys, *, seed, donate, threads):
 # PyTorch.
 
 
-def _build_torch(impl, cell, cfg, xs, ys, *, seed, donate, threads):
+def _build_torch(impl, cell, cfg, xs, ys, *, seed, donate, threads, device):
   del donate
   import torch
   import torch.nn.functional as F
+  if device == "cuda" and not torch.cuda.is_available():
+    raise Missing("torch has no CUDA device here")
   torch.set_num_threads(threads)
   torch.manual_seed(seed)
   rnn_cls = {"elman": torch.nn.RNN, "lstm": torch.nn.LSTM, "gru": torch.nn.GRU}[cell]
-  rnn = rnn_cls(cfg.input, cfg.hidden, batch_first=True)
-  readout = torch.nn.Linear(cfg.hidden, cfg.output)
-  optimizer = torch.optim.Adam([*rnn.parameters(), *readout.parameters()], lr=LEARNING_RATE)
-  xs_t = torch.from_numpy(xs)
-  ys_t = torch.from_numpy(ys.astype(np.int64) if cfg.loss == "xent" else ys)
+  rnn = rnn_cls(cfg.input, cfg.hidden, batch_first=True).to(device)
+  readout = torch.nn.Linear(cfg.hidden, cfg.output).to(device)
+  # On CUDA, nn.RNN/LSTM/GRU run cuDNN's fused kernels, and Adam its fused multi-tensor kernel
+  # (what a PyTorch user tuning a GPU step would pick); on the CPU, Adam's default.
+  fused = {"fused": True} if device == "cuda" else {}
+  optimizer = torch.optim.Adam([*rnn.parameters(), *readout.parameters()], lr=LEARNING_RATE,
+                               **fused)
+  xs_t = torch.from_numpy(xs).to(device)
+  ys_t = torch.from_numpy(ys.astype(np.int64) if cfg.loss == "xent" else ys).to(device)
 
   def step(state):
     optimizer.zero_grad(set_to_none=True)
@@ -425,8 +437,14 @@ def _build_torch(impl, cell, cfg, xs, ys, *, seed, donate, threads):
     optimizer.step()
     return state, value.detach()
 
-  note = f"torch.nn.{rnn_cls.__name__}(batch_first) + nn.Linear + optim.Adam, {threads} threads"
-  return Runner(impl, note, step, None, lambda _: None)
+  if device == "cuda":
+    note = (f"torch.nn.{rnn_cls.__name__}(batch_first, cuDNN "
+            f"{torch.backends.cudnn.version()}) + nn.Linear + optim.Adam(fused=True) on CUDA")
+    block = lambda _: torch.cuda.synchronize()
+  else:
+    note = f"torch.nn.{rnn_cls.__name__}(batch_first) + nn.Linear + optim.Adam, {threads} threads"
+    block = lambda _: None
+  return Runner(impl, note, step, None, block)
 
 
 BUILDERS = {

@@ -1,0 +1,65 @@
+"""The benchmark script's contract (issue 4): its JSON schema, subsets, devices, missing peers."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BENCH = os.path.join(ROOT, "experiments", "bench", "bench.py")
+sys.path.insert(0, os.path.join(ROOT, "experiments", "bench"))
+import peers  # noqa: E402
+
+
+def _run(*args, timeout=300):
+  env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+  return subprocess.run([sys.executable, BENCH, *args], capture_output=True, text=True,
+                        timeout=timeout, env=env, cwd=ROOT)
+
+
+def test_tiny_run_writes_the_documented_json(tmp_path):
+  out = tmp_path / "bench.json"
+  md = tmp_path / "bench.md"
+  done = _run("--cells", "elman,lstm", "--configs", "tiny", "--impls", "jaxrnn,jaxrnn-autodiff",
+              "--repeats", "2", "--target-s", "0.01", "--warmup", "2", "--json", str(out),
+              "--markdown", str(md))
+  assert done.returncode == 0, done.stderr[-2000:]
+  report = json.loads(out.read_text())
+  assert report["complete"] is True
+  assert report["machine"]["device"] == "cpu" and report["machine"]["jax_backend"] == "cpu"
+  assert report["matmul_gflops"] > 0
+  rows = report["results"]
+  assert sorted((r["cell"], r["impl"]) for r in rows) == [
+      ("elman", "jaxrnn"), ("elman", "jaxrnn-autodiff"), ("lstm", "jaxrnn"),
+      ("lstm", "jaxrnn-autodiff")]
+  for r in rows:
+    assert r["status"] == "ok" and r["config"] == "tiny"
+    assert {"ms_per_step", "tokens_per_s", "first_call_s", "peak_rss_mb"} <= set(r)
+    assert r["ms_per_step"] > 0 and r["first_call_s"] > 0
+    # tokens/s is B T per step over the measured time (tiny: B=2, T=8).
+    assert r["tokens_per_s"] == pytest.approx(16 / (r["ms_per_step"] / 1e3), rel=1e-9)
+    assert len(r["ms_per_step_repeats"]) == 2
+    assert r["loss_check"] == "ok"
+  assert "| elman | tiny |" in md.read_text()
+
+
+def test_cuda_without_a_gpu_is_a_clear_error():
+  done = _run("--device", "cuda", "--cells", "elman", "--configs", "tiny", "--impls", "jaxrnn")
+  assert done.returncode != 0
+  assert "--device cuda: JAX's default backend is 'cpu'" in done.stderr + done.stdout
+
+
+def test_device_and_subset_arguments_are_checked():
+  done = _run("--device", "tpu")
+  assert done.returncode != 0 and "--device" in done.stderr
+  done = _run("--cells", "elman,transformer")
+  assert done.returncode != 0 and "unknown ['transformer']" in done.stderr + done.stdout
+  with pytest.raises(ValueError, match="device must be one of"):
+    peers.build("jaxrnn", "elman", peers.CONFIGS["tiny"], device="tpu")
+
+
+def test_a_missing_framework_is_reported_not_raised(monkeypatch):
+  monkeypatch.setitem(peers.REQUIREMENTS, "haiku", ("a_module_that_is_not_installed",))
+  with pytest.raises(peers.Missing, match="a_module_that_is_not_installed is not installed"):
+    peers.build("haiku", "elman", peers.CONFIGS["tiny"])
