@@ -1,15 +1,24 @@
-"""First-call time (trace + compile + one training step) against sequence length T.
+"""First-call time (trace + compile + one training step), each measurement in a fresh process.
+
+Two studies:
+- against sequence length T (default): the benchmark's "small" shape (B=1, D=16, H=64, O=16),
+  jaxrnn's default manual-BPTT Adam step. `lax.scan` compiles one loop body whatever T is, so only
+  the step itself should grow with T.
+- `--peers`: jaxrnn against every JAX peer on the benchmark's configs, each built by
+  `peers.build` exactly as in `bench.py`, the first `runner.run(1)` timed. In `bench.py` all
+  implementations share one process, so whichever compiles second reuses what the first warmed
+  (JAX's tracing caches; on a GPU, XLA's GEMM autotuning) and jaxrnn always goes first; here none
+  has a head start.
 
 Run: python experiments/bench/first_call.py [--lengths 100,10000] [--cells elman,lstm,gru]
-
-Each measurement runs in a fresh subprocess (no warm caches), for the benchmark's "small" shape
-(B=1, D=16, H=64, O=16), jaxrnn's default manual-BPTT Adam step. `lax.scan` compiles one loop body
-whatever T is, so only the step itself should grow with T.
+     python experiments/bench/first_call.py --peers [--configs small,medium,large,charlm]
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import statistics
 import subprocess
 import sys
 
@@ -37,13 +46,73 @@ print(first, time.perf_counter() - start)
 """
 
 
+PEER_CHILD = r"""
+import sys, time
+sys.path.insert(0, sys.argv[4])
+import peers
+impl, cell, config = sys.argv[1:4]
+peers.import_framework(impl)
+runner = peers.build(impl, cell, peers.CONFIGS[config])
+start = time.perf_counter()
+float(runner.run(1))
+print(time.perf_counter() - start)
+"""
+
+JAX_IMPLS = ("jaxrnn", "flax-linen", "flax-linen-optlstm", "flax-nnx", "flax-nnx-optlstm", "haiku",
+             "equinox")
+
+
+def compare_peers(cells, configs, repeats, impls=JAX_IMPLS):
+  """Median first call of each JAX implementation, fresh process each; rows and a markdown table."""
+  here = os.path.dirname(os.path.abspath(__file__))
+  env = dict(os.environ, JAX_PLATFORMS=os.environ.get("JAX_PLATFORMS", "cpu"))
+  rows = []
+  print("| cell | config | " + " | ".join(impls) + " | fastest peer / jaxrnn |")
+  print("|---|---|" + "---:|" * (len(impls) + 1))
+  for cell in cells:
+    for config in configs:
+      medians = {}
+      for r in range(repeats):
+        for impl in impls:  # interleaved: repeat r of every impl, then repeat r + 1
+          if impl.endswith("-optlstm") and cell != "lstm":
+            continue
+          done = subprocess.run([sys.executable, "-c", PEER_CHILD, impl, cell, config, here],
+                                capture_output=True, text=True, env=env, timeout=600)
+          if done.returncode != 0:
+            tail = (done.stderr.strip().splitlines() or ["?"])[-1]
+            print(f"  {cell}/{config} {impl}: failed: {tail[:200]}", file=sys.stderr)
+            continue
+          medians.setdefault(impl, []).append(float(done.stdout.split()[-1]))
+      medians = {impl: statistics.median(v) for impl, v in medians.items()}
+      peer = min((v, k) for k, v in medians.items() if k != "jaxrnn")
+      for impl, value in medians.items():
+        rows.append({"cell": cell, "config": config, "impl": impl, "first_call_s": value})
+      cells_md = [f"{medians[i]:.3f}" if i in medians else "—" for i in impls]
+      print(f"| {cell} | {config} | " + " | ".join(cells_md)
+            + f" | {peer[0] / medians['jaxrnn']:.2f} ({peer[1]}) |", flush=True)
+  return rows
+
+
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--lengths", default="100,10000")
   parser.add_argument("--cells", default="elman,lstm,gru")
   parser.add_argument("--repeats", type=int, default=3)
   parser.add_argument("--json", default=None)
+  parser.add_argument("--peers", action="store_true",
+                      help="compare jaxrnn's first call with every JAX peer's (see above)")
+  parser.add_argument("--configs", default="small,medium,large,charlm",
+                      help="with --peers: the benchmark configs")
+  parser.add_argument("--impls", default=",".join(JAX_IMPLS),
+                      help="with --peers: the JAX implementations (jaxrnn first)")
   args = parser.parse_args(argv)
+  if args.peers:
+    rows = compare_peers(args.cells.split(","), args.configs.split(","), args.repeats,
+                         args.impls.split(","))
+    if args.json:
+      with open(args.json, "w") as fh:
+        json.dump(rows, fh, indent=2)
+    return 0
   rows = []
   print("| cell | T | first call s (median) | later step s |")
   print("|---|---:|---:|---:|")
