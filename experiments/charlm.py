@@ -51,7 +51,7 @@ except ImportError:  # run as a script: python experiments/charlm.py
   from experiments import common
 
 import jaxrnn
-from jaxrnn import checkpoint, losses, parallel, rnn, tbptt
+from jaxrnn import checkpoint, host_memory, losses, parallel, rnn, tbptt
 
 ExperimentError = common.ExperimentError
 
@@ -59,6 +59,7 @@ MODEL_TAG = "jaxrnn.charlm"
 CONFIG_VERSION = 1
 CELLS = ("lstm", "gru", "elman", "mingru")
 MODES = ("windows", "tbptt")
+HOST_MALLOC = ("default", "hugepages")
 BACKWARDS = ("manual", "autodiff")
 DEFAULT_CORPUS = Path(__file__).resolve().parent / "data" / "tinyshakespeare.txt"
 DEFAULT_PROMPT = "ROMEO:"
@@ -449,6 +450,11 @@ def train_parser() -> argparse.ArgumentParser:
   p.add_argument("--unroll", type=int, default=1, help="lax.scan unroll factor")
   p.add_argument("--steps", type=int, default=None, help="stop after this many steps")
   p.add_argument("--minutes", type=float, default=10.0, help="training-time budget (10)")
+  p.add_argument("--host-malloc", default="default",
+                 help="default | hugepages: back XLA's per-step CPU buffers with transparent huge "
+                      "pages (jaxrnn.host_memory; the script relaunches itself with "
+                      "GLIBC_TUNABLES=glibc.malloc.hugetlb=1). Same results; measured 36,100 -> "
+                      "40,600 chars/s on the default model")
   p.add_argument("--eval-every", type=int, default=500, help="steps between validations")
   p.add_argument("--eval-windows", type=int, default=256,
                  help="validation windows in periodic evaluations (0 = all)")
@@ -492,6 +498,13 @@ def parse_train_args(argv) -> argparse.Namespace:
   common.check_choice("--mode", args.mode, MODES)
   common.check_choice("--backward", args.backward, BACKWARDS)
   common.check_choice("--schedule", args.schedule, ("cosine", "constant"))
+  common.check_choice("--host-malloc", args.host_malloc, HOST_MALLOC)
+  if args.host_malloc == "hugepages" and not host_memory.huge_pages_requested():
+    raise ExperimentError(
+        "--host-malloc hugepages needs the process started with GLIBC_TUNABLES="
+        f"{host_memory.HUGE_PAGES_TUNABLE} (glibc reads it at start-up only): run "
+        "`python experiments/charlm.py ...` as a script, which relaunches itself with it, or set "
+        "it in the environment.")
   common.check_positive(layers=args.layers, hidden=args.hidden, batch=args.batch, seq=args.seq,
                         lr=args.lr, clip=args.clip, minutes=args.minutes,
                         eval_every=args.eval_every, unroll=args.unroll,
@@ -639,7 +652,8 @@ def train(argv) -> int:
       "model": cfg, "params": n_params,
       "training": {k: getattr(args, k) for k in (
           "mode", "batch", "seq", "lr", "schedule", "final_lr_frac", "warmup", "clip", "backward",
-          "unroll", "steps", "minutes", "eval_every", "eval_windows", "seed", "quick")},
+          "unroll", "steps", "minutes", "eval_every", "eval_windows", "seed", "quick",
+          "host_malloc")},
       "corpus": {"path": str(args.corpus), "chars": len(corpus.train) + len(corpus.val),
                  "train_chars": len(corpus.train), "val_chars": len(corpus.val),
                  "vocab_size": len(corpus.vocab)},
@@ -889,5 +903,16 @@ def main(argv: Optional[list[str]] = None) -> int:
   return train(argv)
 
 
+def host_malloc_of(argv: list[str]) -> str:
+  """The `--host-malloc` value of a train command line (without parsing the rest of it)."""
+  if argv and argv[0] == "sample":
+    return "default"
+  p = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+  p.add_argument("--host-malloc", default="default")
+  return p.parse_known_args(argv)[0].host_malloc
+
+
 if __name__ == "__main__":
+  if host_malloc_of(sys.argv[1:]) == "hugepages":
+    host_memory.relaunch_with_huge_pages()  # returns at once in the relaunched process
   common.run_main(main)

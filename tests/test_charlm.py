@@ -160,6 +160,7 @@ TRAIN_ERRORS = {
     "bad dropout": (["--dropout", "1.5"], "--dropout"),
     "devices do not divide batch": (["--devices", "3"], "--batch 16 must be a multiple"),
     "devices with tbptt": (["--devices", "1", "--mode", "tbptt"], "--devices needs --mode windows"),
+    "unknown host malloc": (["--host-malloc", "jemalloc"], "--host-malloc"),
 }
 SAMPLE_ERRORS = {
     "missing checkpoint": (["--checkpoint", "{d}/nope.safetensors"], "not found"),
@@ -244,3 +245,36 @@ def test_quick_run_on_two_devices(tmp_path):
   metrics = json.loads((run / "metrics.json").read_text())
   losses = metrics["train"]["loss"]
   assert np.isfinite(losses).all() and np.mean(losses[-5:]) < np.mean(losses[:5])
+
+
+def test_host_malloc_hugepages_relaunches_the_script(tmp_path):
+  """As a script, `--host-malloc hugepages` re-executes itself with the glibc tunable (train()
+  refuses to run without it, so a run that finishes had it) and records the setting."""
+  env = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}
+  proc = subprocess.run([sys.executable, str(SCRIPT), "--quick", "--no-progress", "--steps", "3",
+                         "--sample-length", "5", "--host-malloc", "hugepages", "--out",
+                         str(tmp_path)], capture_output=True, text=True, timeout=180, cwd=REPO,
+                        env=env)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  (run,) = list(tmp_path.iterdir())
+  assert json.loads((run / "config.json").read_text())["training"]["host_malloc"] == "hugepages"
+
+
+def test_host_malloc_hugepages_in_process_without_the_tunable(monkeypatch, tmp_path, capsys):
+  """Called as a function (no relaunch possible), the option fails clearly before any work."""
+  monkeypatch.delenv("GLIBC_TUNABLES", raising=False)
+  out = tmp_path / "runs"
+  status, err = run_in_process(["--quick", "--no-progress", "--host-malloc", "hugepages",
+                                "--out", str(out)], capsys)
+  assert_one_line_error(status, err, "GLIBC_TUNABLES=glibc.malloc.hugetlb=1")
+  assert not out.exists()
+
+
+@pytest.mark.parametrize("argv, expected", [
+    ([], "default"), (["--host-malloc", "hugepages"], "hugepages"),
+    (["train", "--cell", "gru", "--host-malloc=hugepages"], "hugepages"),
+    (["sample", "--checkpoint", "x", "--host-malloc", "hugepages"], "default"),
+    (["--host-malloc", "default", "--quick"], "default"),
+])
+def test_host_malloc_of(argv, expected):
+  assert charlm.host_malloc_of(argv) == expected
