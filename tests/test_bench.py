@@ -69,3 +69,19 @@ def test_a_missing_framework_is_reported_not_raised(monkeypatch):
   monkeypatch.setitem(peers.REQUIREMENTS, "haiku", ("a_module_that_is_not_installed",))
   with pytest.raises(peers.Missing, match="a_module_that_is_not_installed is not installed"):
     peers.build("haiku", "elman", peers.CONFIGS["tiny"])
+
+
+def test_loss_options_reach_the_jaxrnn_step_only():
+  runner = peers.build("jaxrnn", "gru", peers.CONFIGS["tiny"], loss_options={"unroll": 2})
+  assert "unroll=2" in runner.note
+  first, second = float(runner.run(1)), float(runner.run(3))
+  assert second < first                      # it trains
+  with pytest.raises(ValueError, match="loss_options apply to"):
+    peers.build("haiku", "gru", peers.CONFIGS["tiny"], loss_options={"unroll": 2})
+
+
+def test_first_call_comparison_in_fresh_processes():
+  import first_call
+  rows = first_call.compare_peers(["elman"], ["tiny"], 1, ["jaxrnn", "flax-nnx"])
+  assert sorted(r["impl"] for r in rows) == ["flax-nnx", "jaxrnn"]
+  assert all(r["first_call_s"] > 0 and r["device"] == "cpu" for r in rows)

@@ -52,7 +52,7 @@ sys.path.insert(0, sys.argv[4])
 import peers
 impl, cell, config = sys.argv[1:4]
 peers.import_framework(impl)
-runner = peers.build(impl, cell, peers.CONFIGS[config])
+runner = peers.build(impl, cell, peers.CONFIGS[config], device=sys.argv[5])
 start = time.perf_counter()
 float(runner.run(1))
 print(time.perf_counter() - start)
@@ -62,10 +62,15 @@ JAX_IMPLS = ("jaxrnn", "flax-linen", "flax-linen-optlstm", "flax-nnx", "flax-nnx
              "equinox")
 
 
-def compare_peers(cells, configs, repeats, impls=JAX_IMPLS):
-  """Median first call of each JAX implementation, fresh process each; rows and a markdown table."""
+def compare_peers(cells, configs, repeats, impls=JAX_IMPLS, device="cpu"):
+  """Median first call of each JAX implementation, fresh process each; rows and a markdown table.
+
+  `device` "cpu" pins JAX to the CPU in the children; "cuda" leaves JAX's default backend (a GPU).
+  """
   here = os.path.dirname(os.path.abspath(__file__))
-  env = dict(os.environ, JAX_PLATFORMS=os.environ.get("JAX_PLATFORMS", "cpu"))
+  env = dict(os.environ)
+  if device == "cpu":
+    env["JAX_PLATFORMS"] = "cpu"
   rows = []
   print("| cell | config | " + " | ".join(impls) + " | fastest peer / jaxrnn |")
   print("|---|---|" + "---:|" * (len(impls) + 1))
@@ -76,7 +81,8 @@ def compare_peers(cells, configs, repeats, impls=JAX_IMPLS):
         for impl in impls:  # interleaved: repeat r of every impl, then repeat r + 1
           if impl.endswith("-optlstm") and cell != "lstm":
             continue
-          done = subprocess.run([sys.executable, "-c", PEER_CHILD, impl, cell, config, here],
+          done = subprocess.run([sys.executable, "-c", PEER_CHILD, impl, cell, config, here,
+                                 device],
                                 capture_output=True, text=True, env=env, timeout=600)
           if done.returncode != 0:
             tail = (done.stderr.strip().splitlines() or ["?"])[-1]
@@ -84,12 +90,14 @@ def compare_peers(cells, configs, repeats, impls=JAX_IMPLS):
             continue
           medians.setdefault(impl, []).append(float(done.stdout.split()[-1]))
       medians = {impl: statistics.median(v) for impl, v in medians.items()}
-      peer = min((v, k) for k, v in medians.items() if k != "jaxrnn")
+      peer = min(((v, k) for k, v in medians.items() if k != "jaxrnn"), default=None)
       for impl, value in medians.items():
-        rows.append({"cell": cell, "config": config, "impl": impl, "first_call_s": value})
+        rows.append({"cell": cell, "config": config, "impl": impl, "first_call_s": value,
+                     "device": device})
       cells_md = [f"{medians[i]:.3f}" if i in medians else "—" for i in impls]
-      print(f"| {cell} | {config} | " + " | ".join(cells_md)
-            + f" | {peer[0] / medians['jaxrnn']:.2f} ({peer[1]}) |", flush=True)
+      ratio = (f"{peer[0] / medians['jaxrnn']:.2f} ({peer[1]})"
+               if peer and "jaxrnn" in medians else "—")
+      print(f"| {cell} | {config} | " + " | ".join(cells_md) + f" | {ratio} |", flush=True)
   return rows
 
 

@@ -141,7 +141,7 @@ def import_framework(impl: str) -> None:
 
 
 def build(impl: str, cell: str, cfg: Config, *, seed: int = 0, donate: bool = True,
-          threads: int = 2, device: str = "cpu") -> Runner:
+          threads: int = 2, device: str = "cpu", loss_options: dict | None = None) -> Runner:
   """Build `impl` for `cell` and `cfg` on the data of `make_data(cfg, seed)`.
 
   Args:
@@ -153,6 +153,8 @@ def build(impl: str, cell: str, cfg: Config, *, seed: int = 0, donate: bool = Tr
     threads: intra-op threads for PyTorch.
     device: "cpu" or "cuda". PyTorch builds its model and data there; JAX implementations run on
       JAX's default backend, which the caller (`bench.py --device`) has checked matches.
+    loss_options: jaxrnn implementations only: extra keyword arguments of `jaxrnn.rnn.loss`
+      (e.g. `{"unroll": 16}`).
 
   Raises:
     Missing: the framework is not installed.
@@ -166,10 +168,15 @@ def build(impl: str, cell: str, cfg: Config, *, seed: int = 0, donate: bool = Tr
     raise ValueError(f"device must be one of {list(DEVICES)}; got {device!r}.")
   if impl.endswith("-optlstm") and cell != "lstm":
     raise NotApplicable(f"{impl} exists for lstm only")
+  extra = {}
+  if loss_options:
+    if impl not in JAXRNN_IMPLS:
+      raise ValueError(f"loss_options apply to {list(JAXRNN_IMPLS)} only; got impl {impl!r}.")
+    extra["loss_options"] = dict(loss_options)
   import_framework(impl)
   xs, ys = make_data(cfg, seed)
   return BUILDERS[impl](impl, cell, cfg, xs, ys, seed=seed, donate=donate, threads=threads,
-                        device=device)
+                        device=device, **extra)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -218,8 +225,9 @@ def _optax_step(loss_fn):
 # jaxrnn.
 
 
-def _build_jaxrnn(impl, cell, cfg, xs, ys, *, seed, donate, threads, device):
+def _build_jaxrnn(impl, cell, cfg, xs, ys, *, seed, donate, threads, device, loss_options=None):
   del threads, device  # JAX's default backend (see build)
+  loss_options = loss_options or {}
   import jax
   import optax
   import jaxrnn
@@ -231,8 +239,10 @@ def _build_jaxrnn(impl, cell, cfg, xs, ys, *, seed, donate, threads, device):
     api = jaxrnn.rnn
     spec = api.rnn(cell, cfg.input, cfg.hidden, output_size=cfg.output)
     params = api.init(key, spec)
-    loss_fn = lambda p, x, y: api.loss(spec, p, x, y, loss=cfg.loss, backward=backward)
-    note = f"jaxrnn.rnn.loss(backward={backward!r}) + jaxrnn.make_train_step"
+    loss_fn = lambda p, x, y: api.loss(spec, p, x, y, loss=cfg.loss, backward=backward,
+                                       **loss_options)
+    extra = "".join(f", {k}={v!r}" for k, v in loss_options.items())
+    note = f"jaxrnn.rnn.loss(backward={backward!r}{extra}) + jaxrnn.make_train_step"
     value_and_grad_fn = None
   except AttributeError:
     if cell != "elman":
