@@ -140,6 +140,20 @@ def check_unroll(name: str, value) -> None:
     check_positive_int(name, value)
 
 
+def matmul_dtype(name: str, value):
+  """`None`, or the floating dtype of matmul operands (e.g. `jnp.bfloat16`) as a `np.dtype`."""
+  if value is None:
+    return None
+  try:
+    dtype = jnp.dtype(value)
+  except TypeError:
+    dtype = None
+  if dtype is None or not jnp.issubdtype(dtype, jnp.floating):
+    raise ValueError(f"{name} must be None or a floating dtype such as jnp.bfloat16; got "
+                     f"{value!r}.")
+  return dtype
+
+
 def check_mask_dtype(name: str, mask) -> None:
   """Raise a TypeError unless `mask` holds bools or real numbers (weights)."""
   dtype = getattr(mask, "dtype", None)

@@ -20,8 +20,8 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 
-from jaxrnn.cells.base import Carry, Cell, add_bias, recurrent_projector
-from jaxrnn.scan import Saved, recurrent_scan
+from jaxrnn.cells.base import Carry, Cell, add_bias, matmul, recurrent_projector
+from jaxrnn.scan import Saved, einsum, recurrent_scan
 
 
 def _shift_prev(carry0: Carry, carries: Carry) -> Carry:
@@ -42,7 +42,7 @@ def _pointwise_bwd(cell: Cell):
 
 def recurrent_scan_bwd(cell: Cell, params: dict, a: jax.Array, carry0: Carry,
                        mask: Optional[jax.Array], saved: Saved, d_hs: jax.Array,
-                       d_carry_T: Carry, *, unroll: int = 1
+                       d_carry_T: Carry, *, unroll: int = 1, matmul_dtype=None
                        ) -> tuple[dict, jax.Array, Carry]:
   """The reverse of `recurrent_scan`.
 
@@ -51,18 +51,21 @@ def recurrent_scan_bwd(cell: Cell, params: dict, a: jax.Array, carry0: Carry,
     saved: its `Saved` residuals.
     d_hs: `[T, B, H]`, `dL/dhs` (the cotangent of the outputs).
     d_carry_T: tuple of `[B, H]`, the cotangent of the final carry (zeros if unused).
+    unroll, matmul_dtype: as given to `recurrent_scan` (the backward's matmuls, `d_r W` in the
+      loop and the weight gradient after it, take their operands in `matmul_dtype` too).
 
   Returns:
     `(d_rec_params, d_a [T, B, G], d_carry0)`, where `d_rec_params` has the gradients of the
     entries of `params` the scan used: `W`, `bh`, `b` where present.
   """
   W = params.get("W")  # None for a cell with recurrent_weights=False (minGRU)
+  W_mm = W if W is None or matmul_dtype is None else W.astype(matmul_dtype)  # cast once
   bwd = _pointwise_bwd(cell)
   needs_a = cell.pointwise_bwd is None
   carries_prev = _shift_prev(carry0, saved.carries)
   r_all = None
   if needs_a:
-    r_all = recurrent_projector(params)(carries_prev[0])
+    r_all = recurrent_projector(params, matmul_dtype)(carries_prev[0])
     if "b" in params:  # the pre-activation input the forward's pointwise saw
       a = add_bias(a, params["b"])
 
@@ -82,7 +85,7 @@ def recurrent_scan_bwd(cell: Cell, params: dict, a: jax.Array, carry0: Carry,
       d_a, d_r, d_prev = bwd(res, prev, cur, d_new)
     d_r = d_a if d_r is None else d_r
     if W is not None:
-      d_prev = (d_prev[0] + d_r @ W,) + tuple(d_prev[1:])
+      d_prev = (d_prev[0] + matmul(d_r, W_mm, matmul_dtype),) + tuple(d_prev[1:])
     if m_t is not None:
       d_prev = tuple(p + s for p, s in zip(d_prev, d_skip))
     return d_prev, (d_a, d_r if d_r is not d_a else None)
@@ -96,7 +99,7 @@ def recurrent_scan_bwd(cell: Cell, params: dict, a: jax.Array, carry0: Carry,
   if "b" in params:
     d_rec["b"] = jnp.sum(d_a, axis=(0, 1))
   if W is not None:
-    d_rec["W"] = jnp.einsum("tbg,tbh->gh", d_r, carries_prev[0])
+    d_rec["W"] = einsum("tbg,tbh->gh", d_r, carries_prev[0], matmul_dtype)
     if "bh" in params:
       d_rec["bh"] = jnp.sum(d_r, axis=(0, 1))
   return d_rec, d_a, d_carry0
@@ -106,7 +109,8 @@ SCAN_PARAMS = ("W", "bh", "b")  # the entries of a cell's params that `recurrent
 
 
 def recurrence(cell: Cell, params: dict, a: jax.Array, carry0: Carry,
-               mask: Optional[jax.Array], unroll: int = 1) -> tuple[jax.Array, Carry]:
+               mask: Optional[jax.Array], unroll: int = 1, matmul_dtype=None
+               ) -> tuple[jax.Array, Carry]:
   """`recurrent_scan` whose gradient is the manual backward pass (via `jax.custom_vjp`).
 
   Args:
@@ -118,30 +122,34 @@ def recurrence(cell: Cell, params: dict, a: jax.Array, carry0: Carry,
     carry0: tuple of `[B, H]`.
     mask: `[T, B]` booleans or None.
     unroll: static `lax.scan` unroll.
+    matmul_dtype: static; None or the dtype of every matmul's operands, forward and backward
+      (a `np.dtype`, e.g. from `jnp.dtype(jnp.bfloat16)`; products accumulated in float32).
 
   Returns:
     `(hs [T, B, H], carry_T)`.
   """
   scan_params = {k: params[k] for k in SCAN_PARAMS if k in params}
-  return _recurrence(cell, scan_params, a, carry0, mask, unroll)
+  return _recurrence(cell, scan_params, a, carry0, mask, unroll, matmul_dtype)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 5))
-def _recurrence(cell, scan_params, a, carry0, mask, unroll):
-  hs, carry_T, _ = recurrent_scan(cell, scan_params, a, carry0, mask, unroll=unroll)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 5, 6))
+def _recurrence(cell, scan_params, a, carry0, mask, unroll, matmul_dtype):
+  hs, carry_T, _ = recurrent_scan(cell, scan_params, a, carry0, mask, unroll=unroll,
+                                  matmul_dtype=matmul_dtype)
   return hs, carry_T
 
 
-def _recurrence_fwd(cell, rec_params, a, carry0, mask, unroll):
-  hs, carry_T, saved = recurrent_scan(cell, rec_params, a, carry0, mask, unroll=unroll)
+def _recurrence_fwd(cell, rec_params, a, carry0, mask, unroll, matmul_dtype):
+  hs, carry_T, saved = recurrent_scan(cell, rec_params, a, carry0, mask, unroll=unroll,
+                                      matmul_dtype=matmul_dtype)
   return (hs, carry_T), (rec_params, a, carry0, mask, saved)
 
 
-def _recurrence_bwd(cell, unroll, residuals, cotangents):
+def _recurrence_bwd(cell, unroll, matmul_dtype, residuals, cotangents):
   rec_params, a, carry0, mask, saved = residuals
   d_hs, d_carry_T = cotangents
   d_rec, d_a, d_carry0 = recurrent_scan_bwd(cell, rec_params, a, carry0, mask, saved, d_hs,
-                                            d_carry_T, unroll=unroll)
+                                            d_carry_T, unroll=unroll, matmul_dtype=matmul_dtype)
   return d_rec, d_a, d_carry0, None
 
 

@@ -229,20 +229,23 @@ def _time_gather(x, idx):
   return jnp.take_along_axis(x, idx, axis=0)
 
 
-def _run_direction(cell, params, xs, carry0, mask_tm, backward, unroll, impl="sequential"):
+def _run_direction(cell, params, xs, carry0, mask_tm, backward, unroll, impl="sequential",
+                   matmul_dtype=None):
   """One direction of one layer, time-major: `xs [T, B, D] -> (hs [T, B, H], carry_T)`."""
-  a = project_time_major(params, xs)                     # U x_t; the scans add b in their body
+  a = project_time_major(params, xs, matmul_dtype)       # U x_t; the scans add b in their body
   if impl == "parallel":
     hs, carry_T = cell.parallel_scan(base.add_bias(a, params["b"]), carry0, mask_tm,
                                      backward=backward)
   elif backward == "manual":
-    hs, carry_T = recurrence(cell, params, a, carry0, mask_tm, unroll)
+    hs, carry_T = recurrence(cell, params, a, carry0, mask_tm, unroll, matmul_dtype)
   else:
-    hs, carry_T, _ = recurrent_scan(cell, params, a, carry0, mask_tm, unroll=unroll)
+    hs, carry_T, _ = recurrent_scan(cell, params, a, carry0, mask_tm, unroll=unroll,
+                                    matmul_dtype=matmul_dtype)
   return hs, carry_T
 
 
-def _run_direction_remat(cell, params, xs, carry0, mask_tm, backward, unroll, impl, chunk):
+def _run_direction_remat(cell, params, xs, carry0, mask_tm, backward, unroll, impl, chunk,
+                         matmul_dtype=None):
   """`_run_direction` that keeps only the carries at chunk boundaries for the backward pass.
 
   The sequence is cut into chunks of `chunk` steps (the last one padded with masked steps); a
@@ -264,7 +267,7 @@ def _run_direction_remat(cell, params, xs, carry0, mask_tm, backward, unroll, im
   @jax.checkpoint
   def body(carry, inputs):
     x, m = inputs
-    hs, carry = _run_direction(cell, params, x, carry, m, backward, unroll, impl)
+    hs, carry = _run_direction(cell, params, x, carry, m, backward, unroll, impl, matmul_dtype)
     return carry, hs
 
   carry_T, hs = jax.lax.scan(body, tuple(carry0), (xs_c, m_c))             # hs [n, k, B, H]
@@ -273,7 +276,7 @@ def _run_direction_remat(cell, params, xs, carry0, mask_tm, backward, unroll, im
 
 def apply(spec: RNN, params: dict, xs: jax.Array, carry0=None, *, lengths=None, mask=None,
           key: Optional[jax.Array] = None, backward: str = "manual", unroll: int = 1,
-          impl: str = "sequential", remat: Optional[int] = None):
+          impl: str = "sequential", remat: Optional[int] = None, matmul_dtype=None):
   """Run the stack over `xs`.
 
   Args:
@@ -297,6 +300,14 @@ def apply(spec: RNN, params: dict, xs: jax.Array, carry0=None, *, lengths=None, 
       None stores everything (fastest).
     impl: "sequential" (`lax.scan`, every cell) or "parallel" (the cell's `parallel_scan`, an
       associative scan of `O(log T)` depth; cells that have one: "mingru"). Same results.
+    matmul_dtype: None (default: every matmul in the params' dtype), or a dtype such as
+      `jnp.bfloat16` for the operands of the forward matmuls (`U x`, `W h`, `V h`) and of the
+      manual backward's own (`d_r W` in the reverse loop, the weight gradient `dW` after it);
+      products are accumulated in float32, and states, gates, loss and gradients stay float32.
+      The matmuls JAX derives by autodiff (the gradients through `U x` and `V h`, and all of the
+      backward with `backward="autodiff"`) run in float32 on the rounded operands. Gradients
+      stay within ~1e-2 of float32 (tests/test_rnn.py); the training step ran 1.08-1.21x faster
+      on a CPU with AVX512-BF16 (experiments/PERF_NOTES.md).
 
   Returns:
     `(hs, carry_T)`: top-layer outputs `[..., T, dirs * H]` and the final carry in `carry0`'s
@@ -304,8 +315,9 @@ def apply(spec: RNN, params: dict, xs: jax.Array, carry0=None, *, lengths=None, 
   """
   batched, xs, carry0, mask = _prepare(spec, params, xs, carry0, lengths, mask, key, backward,
                                        unroll, impl, remat)
+  matmul_dtype = _checks.matmul_dtype("matmul_dtype", matmul_dtype)
   hs, carry_T = _apply_time_major(spec, params, jnp.swapaxes(xs, 0, 1), carry0, mask, key,
-                                  backward, unroll, impl, remat)
+                                  backward, unroll, impl, remat, matmul_dtype)
   hs = jnp.swapaxes(hs, 0, 1)
   if not batched:
     hs = hs[0]
@@ -350,7 +362,8 @@ def _prepare(spec, params, xs, carry0, lengths, mask, key, backward, unroll, imp
   return batched, xs, tuple(carry0), mask
 
 
-def _apply_time_major(spec, params, xs, carry0, mask, key, backward, unroll, impl, remat):
+def _apply_time_major(spec, params, xs, carry0, mask, key, backward, unroll, impl, remat,
+                      matmul_dtype=None):
   """The stack on time-major inputs: `xs [T, B, D] -> (hs [T, B, dirs * H], carry_T)`.
 
   Every layer reads and writes time-major (the layout `lax.scan` slices), so a stack transposes
@@ -374,10 +387,10 @@ def _apply_time_major(spec, params, xs, carry0, mask, key, backward, unroll, imp
       x_dir = layer_in if direction == "fwd" else _time_gather(layer_in, rev_idx)
       if remat is None:
         hs, carry_T = _run_direction(spec.cell, entry[direction], x_dir, c0, mask_tm, backward,
-                                     unroll, impl)
+                                     unroll, impl, matmul_dtype)
       else:
         hs, carry_T = _run_direction_remat(spec.cell, entry[direction], x_dir, c0, mask_tm,
-                                           backward, unroll, impl, remat)
+                                           backward, unroll, impl, remat, matmul_dtype)
       outs.append(hs if direction == "fwd" else _time_gather(hs, rev_idx))
       for part, c in zip(finals, carry_T):
         part.append(c)
@@ -444,8 +457,9 @@ def step(spec: RNN, params: dict, carry, x: jax.Array):
   return (new[0] if spec.cell.carry_size == 1 else new), h
 
 
-def readout(spec: RNN, params: dict, hs: jax.Array) -> jax.Array:
-  """The seed's readout `z_t = V h_t + c`: `[..., T, dirs * H] -> [..., T, O]` (logits, before g)."""
+def readout(spec: RNN, params: dict, hs: jax.Array, matmul_dtype=None) -> jax.Array:
+  """The seed's readout `z_t = V h_t + c`: `[..., T, dirs * H] -> [..., T, O]` (logits, before g);
+  `matmul_dtype` as in `apply`."""
   _check_spec(spec)
   if spec.output_size is None:
     raise ValueError("readout needs a spec with output_size set; got output_size=None.")
@@ -459,12 +473,14 @@ def readout(spec: RNN, params: dict, hs: jax.Array) -> jax.Array:
   if len(_checks.shape_of(hs)) < 1 or _checks.shape_of(hs)[-1] != fan_in:
     raise ValueError(f"hs must have shape [..., {fan_in}] (dirs * H, the top layer's outputs); "
                      f"got {list(_checks.shape_of(hs))}.")
-  return base.add_bias(hs @ params["V"].T, params["c"])
+  matmul_dtype = _checks.matmul_dtype("matmul_dtype", matmul_dtype)
+  return base.add_bias(base.matmul(hs, params["V"].T, matmul_dtype), params["c"])
 
 
 def loss(spec: RNN, params: dict, xs: jax.Array, targets: jax.Array, carry0=None, *,
          loss: str = "mse", lengths=None, mask=None, key=None, backward: str = "manual",
-         unroll: int = 1, impl: str = "sequential", remat: Optional[int] = None) -> jax.Array:
+         unroll: int = 1, impl: str = "sequential", remat: Optional[int] = None,
+         matmul_dtype=None) -> jax.Array:
   """`L = (1/B) sum_b sum_t m_bt L_bt` on the readout (see `jaxrnn.losses`); a scalar.
 
   Steps past `lengths` (or where `mask` is False) do not count. Other args as in `apply`;
@@ -479,13 +495,14 @@ def loss(spec: RNN, params: dict, xs: jax.Array, targets: jax.Array, carry0=None
   weights = mask                          # as given: bools, or real weights m_bt
   batched, xs, carry0, mask = _prepare(spec, params, xs, carry0, lengths, mask, key, backward,
                                        unroll, impl, remat)
+  matmul_dtype = _checks.matmul_dtype("matmul_dtype", matmul_dtype)
   if lengths is not None:
     weights = mask
   # Time-major from here on: the scan's outputs feed the readout and the loss without a transpose
   # of `hs`; only the (narrower) targets and weights are transposed.
   hs, _ = _apply_time_major(spec, params, jnp.swapaxes(xs, 0, 1), carry0, mask, key, backward,
-                            unroll, impl, remat)
-  z = readout(spec, params, hs)                                                   # [T, B, O]
+                            unroll, impl, remat, matmul_dtype)
+  z = readout(spec, params, hs, matmul_dtype)                                     # [T, B, O]
   targets = jnp.swapaxes(targets if batched else targets[None], 0, 1)
   step_losses = losses.step_losses(z, targets, loss)                              # [T, B]
   if weights is not None:

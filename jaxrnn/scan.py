@@ -48,18 +48,28 @@ def project(params: dict, xs: jax.Array) -> jax.Array:
   return project_time_major(params, jnp.swapaxes(xs, 0, 1))
 
 
-def project_time_major(params: dict, xs: jax.Array) -> jax.Array:
-  """`project` for time-major inputs: `xs [T, B, D] -> U x [T, B, G]` (no bias).
+def project_time_major(params: dict, xs: jax.Array, matmul_dtype=None) -> jax.Array:
+  """`project` for time-major inputs: `xs [T, B, D] -> U x [T, B, G]` (no bias); with
+  `matmul_dtype`, the operands in that dtype and the result in theirs.
 
   On batch-first inputs, `einsum("btd,gd->tbg")` made XLA (CPU) compute a `[G, B T]` product and
   transpose the `[T, B, G]` result twice; transposing `x` (`D` wide) first is cheaper. (An explicit
   `[T B, D] x [D, G]` matmul measured slower than this einsum: XLA picks better layouts for it.)
   """
-  return jnp.einsum("tbd,gd->tbg", xs, params["U"])
+  return einsum("tbd,gd->tbg", xs, params["U"], matmul_dtype)
+
+
+def einsum(spec: str, x: jax.Array, y: jax.Array, matmul_dtype=None) -> jax.Array:
+  """`jnp.einsum(spec, x, y)`, with the operands cast to `matmul_dtype` if given and the result
+  accumulated in their common dtype."""
+  if matmul_dtype is None:
+    return jnp.einsum(spec, x, y)
+  return jnp.einsum(spec, x.astype(matmul_dtype), y.astype(matmul_dtype),
+                    preferred_element_type=jnp.result_type(x, y))
 
 
 def recurrent_scan(cell: Cell, params: dict, a: jax.Array, carry0: Carry,
-                   mask: Optional[jax.Array] = None, *, unroll: int = 1
+                   mask: Optional[jax.Array] = None, *, unroll: int = 1, matmul_dtype=None
                    ) -> tuple[jax.Array, Carry, Saved]:
   """Run `cell` over the pre-projected inputs `a`: the sequential core of every layer.
 
@@ -79,12 +89,14 @@ def recurrent_scan(cell: Cell, params: dict, a: jax.Array, carry0: Carry,
     carry0: tuple of `[B, H]`, the initial state.
     mask: `[T, B]` booleans, or None (every step valid).
     unroll: passed to `lax.scan`.
+    matmul_dtype: None, or the dtype of the `W h` operands (e.g. `jnp.bfloat16`; products
+      accumulated in float32, everything else unchanged).
 
   Returns:
     `(hs [T, B, H], carry_T, saved)`: outputs, final carry (the state after the last valid step),
     and the `Saved` residuals for the manual backward pass.
   """
-  project_h = recurrent_projector(params)
+  project_h = recurrent_projector(params, matmul_dtype)
   bias = params.get("b")
 
   def body(carry, inputs):

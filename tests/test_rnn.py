@@ -232,6 +232,11 @@ BAD = [
     ("missing readout", lambda s, p, x: rnn.loss(s, {"layers": p["layers"]}, x, jnp.zeros((4, 7, 2))),
      ValueError, r"params must have keys \['V', 'c', 'layers'\] for this spec; missing \['V', 'c'\]"),
     ("bad key", lambda s, p, x: rnn.apply(s, p, x, key=3), TypeError, "key must be a PRNG key"),
+    ("integer matmul dtype", lambda s, p, x: rnn.apply(s, p, x, matmul_dtype=jnp.int32),
+     ValueError, "matmul_dtype must be None or a floating dtype such as jnp.bfloat16; got"),
+    ("unknown matmul dtype", lambda s, p, x: rnn.loss(s, p, x, jnp.zeros((4, 7, 2)),
+                                                      matmul_dtype="bf17"),
+     ValueError, "matmul_dtype must be None or a floating dtype such as jnp.bfloat16; got 'bf17'"),
 ]
 
 
@@ -273,3 +278,63 @@ def test_remat_gives_the_same_values_and_gradients(cell):
     np.testing.assert_allclose(jax.tree.leaves(carry)[0], jax.tree.leaves(carry_full)[0], rtol=1e-12)
   with pytest.raises(ValueError, match="remat must be an integer >= 1; got 0"):
     rnn.apply(spec, params, xs, remat=0)
+
+
+@functools.cache
+def _bf16_loss_and_grads(spec, backward, matmul_dtype):
+  xs, ys, lengths = _data()
+  f = jax.jit(jax.value_and_grad(lambda p: rnn.loss(spec, p, xs, ys, lengths=lengths,
+                                                    backward=backward, matmul_dtype=matmul_dtype)))
+  return f
+
+
+@pytest.mark.parametrize("cell", ["elman", "lstm", "gru"])
+@pytest.mark.parametrize("layers,bidir", [(1, False), (2, True)])
+def test_bfloat16_matmuls_stay_close_to_float32(cell, layers, bidir):
+  """`matmul_dtype=bfloat16` rounds only the matmul operands (8-bit mantissa, relative 2^-9 per
+  operand): value and gradients stay within about 1e-2 of float32, on both backward paths, and
+  everything returned is float32."""
+  spec = rnn.rnn(cell, D, H, output_size=O, num_layers=layers, bidirectional=bidir)
+  params = rnn.init(jax.random.key(3), spec)
+  flat = lambda tree: np.concatenate([np.ravel(x) for x in jax.tree.leaves(tree)])
+  ref_value, ref_grads = _bf16_loss_and_grads(spec, "manual", None)(params)
+  got = {}
+  for backward in ("manual", "autodiff"):
+    value, grads = _bf16_loss_and_grads(spec, backward, jnp.bfloat16)(params)
+    assert value.dtype == jnp.float32
+    assert all(g.dtype == jnp.float32 for g in jax.tree.leaves(grads))
+    assert rel_err(value, ref_value) < 1e-2
+    assert rel_err(flat(grads), flat(ref_grads)) < 3e-2
+    assert rel_err(flat(grads), flat(ref_grads)) > 0   # the operands really were rounded
+    got[backward] = flat(grads)
+  assert rel_err(got["manual"], got["autodiff"]) < 3e-2
+
+
+@pytest.mark.parametrize("backward", ["manual", "autodiff"])
+def test_matmul_dtype_reaches_the_compiled_matmuls(backward):
+  """With bfloat16, the forward matmuls (`U x` [T, B, G], `W h` [B, G], `V h` [T, B, O]) take
+  bfloat16 operands on both paths, and so do the manual backward's `d_r W` [B, H] and `dW`
+  [G, H]; the matmuls that JAX's autodiff derives stay float32. With the default, none is bf16."""
+  spec = rnn.rnn("lstm", D, H, output_size=O)
+  params = rnn.init(jax.random.key(3), spec)
+  xs, ys, _ = _data()
+  g = 4 * H
+
+  def dots(matmul_dtype):
+    """{output shape: operands are bf16} for every dot of the compiled gradient."""
+    text = jax.jit(jax.grad(lambda p: rnn.loss(spec, p, xs, ys, backward=backward,
+                                               matmul_dtype=matmul_dtype))).lower(params).as_text()
+    found = {}
+    for line in text.splitlines():
+      if "dot_general" in line:
+        operands, result = line.rsplit(":", 1)[-1].split("->")
+        found.setdefault(result.strip(), []).append("bf16" in operands)
+    return found
+
+  default, bf16 = dots(None), dots(jnp.bfloat16)
+  assert not any(any(v) for v in default.values())
+  forward = [f"tensor<{T}x4x{g}xf32>", f"tensor<4x{g}xf32>", f"tensor<{T}x4x{O}xf32>"]
+  manual_backward = [f"tensor<{g}x{H}xf32>", f"tensor<4x{H}xf32>"]
+  for shape in forward + (manual_backward if backward == "manual" else []):
+    assert shape in bf16 and all(bf16[shape]), (shape, bf16)
+  assert not all(all(v) for v in bf16.values())   # autodiff-derived matmuls: float32

@@ -112,9 +112,19 @@ def step(cell: Cell, params: dict, carry: Carry, x: jax.Array) -> tuple[Carry, j
   return carry, carry[0]
 
 
-def recurrent_projector(params: dict):
+def matmul(x: jax.Array, w: jax.Array, matmul_dtype=None) -> jax.Array:
+  """`x @ w`; with `matmul_dtype` (e.g. bfloat16) the operands are cast to it and the products
+  accumulated and returned in `x`'s dtype (`preferred_element_type`)."""
+  if matmul_dtype is None:
+    return x @ w
+  return jnp.matmul(x.astype(matmul_dtype), w.astype(matmul_dtype),
+                    preferred_element_type=x.dtype)
+
+
+def recurrent_projector(params: dict, matmul_dtype=None):
   """`h -> r = W h + bh` (`[..., H] -> [..., G]`; `bh` optional; `r` is None for a cell without
-  `W`), with `W` transposed once, outside any loop that calls it.
+  `W`), with `W` transposed (and cast to `matmul_dtype`, if given) once, outside any loop that
+  calls it.
 
   Inside a `lax.scan` body, `h @ W.T` made XLA (CPU) copy-transpose `W` on every step; handing the
   body a pre-transposed `W^T [H, G]` removes that copy (see experiments/PERF_NOTES.md).
@@ -122,10 +132,12 @@ def recurrent_projector(params: dict):
   if "W" not in params:  # recurrent_weights=False (minGRU): r_t is None
     return lambda h: None
   w_t = params["W"].T
+  if matmul_dtype is not None:
+    w_t = w_t.astype(matmul_dtype)
   bias = params.get("bh")
   if bias is None:
-    return lambda h: h @ w_t
-  return lambda h: add_bias(h @ w_t, bias)
+    return lambda h: matmul(h, w_t, matmul_dtype)
+  return lambda h: add_bias(matmul(h, w_t, matmul_dtype), bias)
 
 
 def add_bias(x: jax.Array, bias: jax.Array) -> jax.Array:
