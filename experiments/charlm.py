@@ -60,6 +60,7 @@ CONFIG_VERSION = 1
 CELLS = ("lstm", "gru", "elman", "mingru")
 MODES = ("windows", "tbptt")
 HOST_MALLOC = ("default", "hugepages")
+MATMUL_DTYPES = {"float32": None, "bfloat16": jnp.bfloat16}
 BACKWARDS = ("manual", "autodiff")
 DEFAULT_CORPUS = Path(__file__).resolve().parent / "data" / "tinyshakespeare.txt"
 DEFAULT_PROMPT = "ROMEO:"
@@ -200,19 +201,20 @@ def embed_ids(model: Model, params: dict, ids: jax.Array) -> jax.Array:
 
 
 def forward(model: Model, params: dict, ids: jax.Array, carry=None, *, key=None,
-            backward: str = "manual", unroll: int = 1):
-  """`ids [B, T]` -> `(logits [B, T, V], final carry)`; dropout only when `key` is given."""
+            backward: str = "manual", unroll: int = 1, matmul_dtype=None):
+  """`ids [B, T]` -> `(logits [B, T, V], final carry)`; dropout only when `key` is given;
+  `matmul_dtype` as in `jaxrnn.rnn.apply`."""
   if model.dropout == 0.0:
     key = None
   k_rnn = k_top = None
   if key is not None:
     k_rnn, k_top = jax.random.split(key)
   hs, carry = rnn.apply(model.spec, params["rnn"], embed_ids(model, params, ids), carry,
-                        key=k_rnn, backward=backward, unroll=unroll)
+                        key=k_rnn, backward=backward, unroll=unroll, matmul_dtype=matmul_dtype)
   if k_top is not None:
     keep = jax.random.bernoulli(k_top, 1.0 - model.dropout, hs.shape)
     hs = jnp.where(keep, hs / (1.0 - model.dropout), 0.0)
-  return rnn.readout(model.spec, params["rnn"], hs), carry
+  return rnn.readout(model.spec, params["rnn"], hs, matmul_dtype), carry
 
 
 def mean_xent(logits: jax.Array, targets: jax.Array) -> jax.Array:
@@ -220,20 +222,22 @@ def mean_xent(logits: jax.Array, targets: jax.Array) -> jax.Array:
   return jnp.mean(losses.step_losses(logits, targets, "xent"))
 
 
-def make_window_loss(model: Model, backward: str, unroll: int):
+def make_window_loss(model: Model, backward: str, unroll: int, matmul_dtype=None):
   """`loss(params, xs [B, T], ys [B, T], key) -> scalar`, each window from a zero state."""
 
   def loss_fn(params, xs, ys, key):
-    logits, _ = forward(model, params, xs, key=key, backward=backward, unroll=unroll)
+    logits, _ = forward(model, params, xs, key=key, backward=backward, unroll=unroll,
+                        matmul_dtype=matmul_dtype)
     return mean_xent(logits, ys)
   return loss_fn
 
 
-def make_chunk_loss(model: Model, backward: str, unroll: int):
+def make_chunk_loss(model: Model, backward: str, unroll: int, matmul_dtype=None):
   """`loss(params, carry, xs [B, k], ys [B, k], key) -> (scalar, carry)` for truncated BPTT."""
 
   def loss_fn(params, carry, xs, ys, key):
-    logits, carry = forward(model, params, xs, carry, key=key, backward=backward, unroll=unroll)
+    logits, carry = forward(model, params, xs, carry, key=key, backward=backward, unroll=unroll,
+                            matmul_dtype=matmul_dtype)
     return mean_xent(logits, ys), carry
   return loss_fn
 
@@ -450,6 +454,9 @@ def train_parser() -> argparse.ArgumentParser:
   p.add_argument("--unroll", type=int, default=1, help="lax.scan unroll factor")
   p.add_argument("--steps", type=int, default=None, help="stop after this many steps")
   p.add_argument("--minutes", type=float, default=10.0, help="training-time budget (10)")
+  p.add_argument("--matmul-dtype", default="float32",
+                 help="float32 | bfloat16: the training step's matmul operands (jaxrnn.rnn's "
+                      "matmul_dtype; float32 accumulation and state). Evaluation stays float32")
   p.add_argument("--host-malloc", default="default",
                  help="default | hugepages: back XLA's per-step CPU buffers with transparent huge "
                       "pages (jaxrnn.host_memory; the script relaunches itself with "
@@ -499,6 +506,7 @@ def parse_train_args(argv) -> argparse.Namespace:
   common.check_choice("--backward", args.backward, BACKWARDS)
   common.check_choice("--schedule", args.schedule, ("cosine", "constant"))
   common.check_choice("--host-malloc", args.host_malloc, HOST_MALLOC)
+  common.check_choice("--matmul-dtype", args.matmul_dtype, tuple(MATMUL_DTYPES))
   if args.host_malloc == "hugepages" and not host_memory.huge_pages_requested():
     raise ExperimentError(
         "--host-malloc hugepages needs the process started with GLIBC_TUNABLES="
@@ -653,7 +661,7 @@ def train(argv) -> int:
       "training": {k: getattr(args, k) for k in (
           "mode", "batch", "seq", "lr", "schedule", "final_lr_frac", "warmup", "clip", "backward",
           "unroll", "steps", "minutes", "eval_every", "eval_windows", "seed", "quick",
-          "host_malloc")},
+          "host_malloc", "matmul_dtype")},
       "corpus": {"path": str(args.corpus), "chars": len(corpus.train) + len(corpus.val),
                  "train_chars": len(corpus.train), "val_chars": len(corpus.val),
                  "vocab_size": len(corpus.vocab)},
@@ -679,7 +687,8 @@ def train(argv) -> int:
 
   rng = np.random.default_rng(args.seed)
   if args.mode == "windows":
-    loss_fn = make_window_loss(model, args.backward, args.unroll)
+    loss_fn = make_window_loss(model, args.backward, args.unroll,
+                              MATMUL_DTYPES[args.matmul_dtype])
     if args.devices:  # data-parallel over a mesh; without --devices, the plain jitted step
       # xs and ys (step arguments 2 and 3) are split over the devices; the dropout key is not.
       step_fn = parallel.make_sharded_train_step(loss_fn, optimizer, mesh, batch_argnums=(2, 3))
@@ -687,7 +696,8 @@ def train(argv) -> int:
       step_fn = jaxrnn.make_train_step(loss_fn, optimizer)
     data = WindowBatches(corpus.train, args.batch, args.seq, rng)
   else:
-    loss_fn = make_chunk_loss(model, args.backward, args.unroll)
+    loss_fn = make_chunk_loss(model, args.backward, args.unroll,
+                              MATMUL_DTYPES[args.matmul_dtype])
     step_fn = tbptt.make_tbptt_step(loss_fn, optimizer)
     data = StreamChunks(corpus.train, args.batch, args.seq, rng)
     zero_carry = rnn.initial_carry(model.spec, params["rnn"], (args.batch,))

@@ -161,6 +161,7 @@ TRAIN_ERRORS = {
     "devices do not divide batch": (["--devices", "3"], "--batch 16 must be a multiple"),
     "devices with tbptt": (["--devices", "1", "--mode", "tbptt"], "--devices needs --mode windows"),
     "unknown host malloc": (["--host-malloc", "jemalloc"], "--host-malloc"),
+    "unknown matmul dtype": (["--matmul-dtype", "float8"], "--matmul-dtype"),
 }
 SAMPLE_ERRORS = {
     "missing checkpoint": (["--checkpoint", "{d}/nope.safetensors"], "not found"),
@@ -278,3 +279,14 @@ def test_host_malloc_hugepages_in_process_without_the_tunable(monkeypatch, tmp_p
 ])
 def test_host_malloc_of(argv, expected):
   assert charlm.host_malloc_of(argv) == expected
+
+
+def test_bfloat16_matmuls_train(tmp_path):
+  """`--matmul-dtype bfloat16` trains (finite, falling loss), evaluates, and is recorded."""
+  proc = run_script("--quick", "--no-progress", "--steps", "30", "--sample-length", "5",
+                    "--matmul-dtype", "bfloat16", "--out", tmp_path)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  (run,) = list(tmp_path.iterdir())
+  assert json.loads((run / "config.json").read_text())["training"]["matmul_dtype"] == "bfloat16"
+  losses = json.loads((run / "metrics.json").read_text())["train"]["loss"]
+  assert np.isfinite(losses).all() and np.mean(losses[-5:]) < np.mean(losses[:5])
