@@ -20,8 +20,8 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 
-from jaxrnn.cells.base import Carry, Cell, add_bias, matmul, recurrent_projector
-from jaxrnn.scan import Saved, einsum, recurrent_scan
+from jaxrnn.cells.base import Carry, Cell, add_bias, einsum, matmul, recurrent_projector
+from jaxrnn.scan import Saved, recurrent_scan
 
 
 def _shift_prev(carry0: Carry, carries: Carry) -> Carry:

@@ -17,7 +17,7 @@ from typing import Any, NamedTuple, Optional
 import jax
 import jax.numpy as jnp
 
-from jaxrnn.cells.base import Carry, Cell, add_bias, recurrent_projector
+from jaxrnn.cells.base import Carry, Cell, add_bias, einsum, recurrent_projector
 
 
 class Saved(NamedTuple):
@@ -57,15 +57,6 @@ def project_time_major(params: dict, xs: jax.Array, matmul_dtype=None) -> jax.Ar
   `[T B, D] x [D, G]` matmul measured slower than this einsum: XLA picks better layouts for it.)
   """
   return einsum("tbd,gd->tbg", xs, params["U"], matmul_dtype)
-
-
-def einsum(spec: str, x: jax.Array, y: jax.Array, matmul_dtype=None) -> jax.Array:
-  """`jnp.einsum(spec, x, y)`, with the operands cast to `matmul_dtype` if given and the result
-  accumulated in their common dtype."""
-  if matmul_dtype is None:
-    return jnp.einsum(spec, x, y)
-  return jnp.einsum(spec, x.astype(matmul_dtype), y.astype(matmul_dtype),
-                    preferred_element_type=jnp.result_type(x, y))
 
 
 def recurrent_scan(cell: Cell, params: dict, a: jax.Array, carry0: Carry,

@@ -121,6 +121,15 @@ def matmul(x: jax.Array, w: jax.Array, matmul_dtype=None) -> jax.Array:
                     preferred_element_type=x.dtype)
 
 
+def einsum(spec: str, x: jax.Array, y: jax.Array, matmul_dtype=None) -> jax.Array:
+  """`jnp.einsum(spec, x, y)`; with `matmul_dtype` the operands are cast to it and the products
+  accumulated and returned in their common dtype (as `matmul`)."""
+  if matmul_dtype is None:
+    return jnp.einsum(spec, x, y)
+  return jnp.einsum(spec, x.astype(matmul_dtype), y.astype(matmul_dtype),
+                    preferred_element_type=jnp.result_type(x, y))
+
+
 def recurrent_projector(params: dict, matmul_dtype=None):
   """`h -> r = W h + bh` (`[..., H] -> [..., G]`; `bh` optional; `r` is None for a cell without
   `W`), with `W` transposed (and cast to `matmul_dtype`, if given) once, outside any loop that
