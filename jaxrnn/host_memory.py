@@ -7,9 +7,9 @@ step page-faults the whole buffer in again, 4 KB at a time: measured on the proj
 100k faults and ~150 ms of kernel time per LSTM-large step (a third of the step), 16k faults and
 ~25 ms per GRU char-LM step.
 
-`HUGE_PAGES_ENV` asks glibc (2.35 or later) to `madvise` its memory for transparent huge pages
-(`GLIBC_TUNABLES=glibc.malloc.hugetlb=1`), so the same buffers fault in 2 MB at a time, 512 times
-fewer faults. Measured (experiments/PERF_NOTES.md): LSTM large 410 -> 339 ms per step and
+`HUGE_PAGES_TUNABLE` asks glibc (2.35 or later) to `madvise` its memory for transparent huge pages
+(`GLIBC_TUNABLES=glibc.malloc.hugetlb=1`; `with_huge_pages` adds it to an environment), so the
+same buffers fault in 2 MB at a time, 512 times fewer faults. Measured (experiments/PERF_NOTES.md): LSTM large 410 -> 339 ms per step and
 100k -> 650 faults, GRU char-LM 50 -> 32 ms, small shapes unchanged, in a process training one
 model; in the benchmark's long process, where nine frameworks' buffers come and go, it was erratic
 on the large shapes, so measure it on your own job. It needs the kernel's
@@ -35,7 +35,6 @@ import os
 import sys
 
 HUGE_PAGES_TUNABLE = "glibc.malloc.hugetlb=1"
-HUGE_PAGES_ENV = {"GLIBC_TUNABLES": HUGE_PAGES_TUNABLE}
 
 
 def huge_pages_requested(environ=None) -> bool:

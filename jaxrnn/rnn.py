@@ -504,8 +504,7 @@ def loss(spec: RNN, params: dict, xs: jax.Array, targets: jax.Array, carry0=None
                             unroll, impl, remat, matmul_dtype)
   z = readout(spec, params, hs, matmul_dtype)                                     # [T, B, O]
   targets = jnp.swapaxes(targets if batched else targets[None], 0, 1)
-  step_losses = losses.step_losses(z, targets, loss)                              # [T, B]
   if weights is not None:
-    weights = jnp.reshape(jnp.asarray(weights, z.dtype), xs.shape[:2])
-    step_losses = weights.T * step_losses
-  return jnp.sum(step_losses) / xs.shape[0]
+    weights = jnp.reshape(jnp.asarray(weights), xs.shape[:2])
+  weights = losses.step_weights(weights, xs.shape[:2], z.dtype)                  # m_bt / B
+  return jnp.sum(weights.T * losses.step_losses(z, targets, loss))
