@@ -20,8 +20,9 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 
+from jaxrnn import kernels
 from jaxrnn.cells.base import Carry, Cell, add_bias, einsum, matmul, recurrent_projector
-from jaxrnn.scan import Saved, recurrent_scan
+from jaxrnn.scan import Saved, project_time_major, recurrent_scan
 
 
 def _shift_prev(carry0: Carry, carries: Carry) -> Carry:
@@ -94,15 +95,22 @@ def recurrent_scan_bwd(cell: Cell, params: dict, a: jax.Array, carry0: Carry,
   d_carry0, (d_a, d_r) = jax.lax.scan(body, tuple(d_carry_T), inputs, reverse=True,
                                       unroll=unroll)
   d_r = d_a if d_r is None else d_r
-  # Weight gradients: single contractions over all B x T positions, outside the scan.
+  return _weight_grads(params, d_a, d_r, carries_prev[0], matmul_dtype), d_a, d_carry0
+
+
+def _weight_grads(params: dict, d_a: jax.Array, d_r: jax.Array, h_prev: jax.Array,
+                  matmul_dtype=None) -> dict:
+  """The gradients of `b`, `W`, `bh` from the per-step deltas `d_a, d_r [T, B, G]` and the
+  states they multiply, `h_prev [T, B, H]` (`h_{t-1}` for every t): single contractions over all
+  `B x T` positions, outside the scan."""
   d_rec = {}
   if "b" in params:
     d_rec["b"] = jnp.sum(d_a, axis=(0, 1))
-  if W is not None:
-    d_rec["W"] = einsum("tbg,tbh->gh", d_r, carries_prev[0], matmul_dtype)
+  if params.get("W") is not None:
+    d_rec["W"] = einsum("tbg,tbh->gh", d_r, h_prev, matmul_dtype)
     if "bh" in params:
       d_rec["bh"] = jnp.sum(d_r, axis=(0, 1))
-  return d_rec, d_a, d_carry0
+  return d_rec
 
 
 SCAN_PARAMS = ("W", "bh", "b")  # the entries of a cell's params that `recurrent_scan` reads
@@ -154,3 +162,102 @@ def _recurrence_bwd(cell, unroll, matmul_dtype, residuals, cotangents):
 
 
 _recurrence.defvjp(_recurrence_fwd, _recurrence_bwd)
+
+
+def input_recurrence(cell: Cell, params: dict, xs: jax.Array, carry0: Carry,
+                     mask: Optional[jax.Array], unroll: int = 1, matmul_dtype=None
+                     ) -> tuple[jax.Array, Carry]:
+  """`recurrence` with the input projection: `xs [T, B, D]` (time-major) -> `(hs [T, B, H],
+  carry_T)`, differentiable through the manual backward pass, with respect to `xs` too.
+
+  Where `jaxrnn.kernels.applies` (the LSTM or GRU, float32, no mask, `H % 16 == 0`, a C++
+  compiler on the machine) and the trace is lowered for CPU, the forward and backward loops are
+  the native ones of `jaxrnn.kernels`, which fuse `U x_t` into the step's GEMM; otherwise (and on
+  GPU/TPU, chosen by `lax.platform_dependent` at lowering) this is `project_time_major` +
+  `recurrence`.
+
+  Args:
+    cell, carry0, mask, unroll, matmul_dtype: as for `recurrence`.
+    params: the cell's params, `U [G, D]` included.
+    xs: `[T, B, D]`.
+  """
+  if not kernels.applies(cell, params, xs, carry0, mask, matmul_dtype):
+    a = project_time_major(params, xs, matmul_dtype)
+    return recurrence(cell, params, a, carry0, mask, unroll, matmul_dtype)
+  native = {"lstm": _native_lstm, "gru": _native_gru}[cell.kernel]
+  scan = functools.partial(_scan_path, cell, unroll)
+  cell_params = {k: params[k] for k in ("U", "W", "b", "bh")}
+  return jax.lax.platform_dependent(cell_params, xs, tuple(carry0), cpu=native, default=scan)
+
+
+def _scan_path(cell, unroll, params, xs, carry0):
+  a = project_time_major(params, xs)
+  return recurrence(cell, params, a, carry0, None, unroll)
+
+
+# The native loops. Residuals: the forward's states and gates. The backward's transposed
+# pre-activation gradients `[k H, T, B]` feed the weight-gradient GEMMs as stored (as
+# `[k H, T B] @ [T B, .]`; jaxrnn/kernels/cells_cpu.cc), where XLA would transpose a row-major one.
+
+def _h_prev(h0, hs):
+  """`h_{t-1}` for every t, flattened over `(t, b)`: `[T B, H]`."""
+  return jnp.concatenate([h0[None], hs[:-1]], axis=0).reshape(-1, hs.shape[-1])
+
+
+@jax.custom_vjp
+def _native_lstm(params, xs, carry0):
+  return _native_lstm_fwd(params, xs, carry0)[0]
+
+
+def _native_lstm_fwd(params, xs, carry0):
+  hs, cs, s = kernels.lstm_forward(xs, params["U"], params["W"], params["b"] + params["bh"],
+                                   *carry0)
+  return (hs, (hs[-1], cs[-1])), (params, xs, carry0, hs, cs, s)
+
+
+def _native_lstm_bwd(residuals, cotangents):
+  params, xs, (h0, c0), hs, cs, s = residuals
+  d_hs, d_carry_T = cotangents
+  d_t, dh0, dc0 = kernels.lstm_backward(params["W"], s, cs, c0, d_hs, *d_carry_T)
+  d_a = d_t.reshape(d_t.shape[0], -1)                 # [4H, T B]: dL/dz for U, b, W, bh alike
+  db = jnp.sum(d_a, axis=1)
+  d_params = {"U": d_a @ xs.reshape(-1, xs.shape[-1]), "W": d_a @ _h_prev(h0, hs), "b": db,
+              "bh": db}
+  d_xs = (d_a.T @ params["U"]).reshape(xs.shape)
+  return d_params, d_xs, (dh0, dc0)
+
+
+_native_lstm.defvjp(_native_lstm_fwd, _native_lstm_bwd)
+
+
+@jax.custom_vjp
+def _native_gru(params, xs, carry0):
+  return _native_gru_fwd(params, xs, carry0)[0]
+
+
+def _native_gru_fwd(params, xs, carry0):
+  (h0,) = carry0
+  hs, res = kernels.gru_forward(xs, params["U"], params["W"], params["b"], params["bh"], h0)
+  return (hs, (hs[-1],)), (params, xs, h0, hs, res)
+
+
+def _native_gru_bwd(residuals, cotangents):
+  params, xs, h0, hs, res = residuals
+  d_hs, (dh_T,) = cotangents
+  hidden = hs.shape[-1]
+  d_t, dh0 = kernels.gru_backward(params["W"], res, hs, h0, d_hs, dh_T)
+  d_all = d_t.reshape(4 * hidden, -1)                 # [d_r | d_z | d_n r | d_n] [4H, T B]
+  d_rec = d_all[:3 * hidden]                          # for W, bh
+  # U and b take [d_r | d_z | d_n]: the GEMM over all four blocks, then the n-r rows dropped
+  # (cheaper than gathering three blocks of d_all into a new array first).
+  keep = lambda m: jnp.concatenate([m[:2 * hidden], m[3 * hidden:]], axis=0)
+  sums = jnp.sum(d_all, axis=1)
+  d_params = {"U": keep(d_all @ xs.reshape(-1, xs.shape[-1])), "W": d_rec @ _h_prev(h0, hs),
+              "b": keep(sums), "bh": sums[:3 * hidden]}
+  U = params["U"]
+  U_all = jnp.concatenate([U[:2 * hidden], jnp.zeros_like(U[:hidden]), U[2 * hidden:]], axis=0)
+  d_xs = (d_all.T @ U_all).reshape(xs.shape)
+  return d_params, d_xs, (dh0,)
+
+
+_native_gru.defvjp(_native_gru_fwd, _native_gru_bwd)

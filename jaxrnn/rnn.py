@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxrnn import _checks, losses
-from jaxrnn.backward import recurrence
+from jaxrnn.backward import input_recurrence
 from jaxrnn.cells import base
 from jaxrnn.cells.base import Cell
 from jaxrnn.cells.elman import elman
@@ -232,12 +232,12 @@ def _time_gather(x, idx):
 def _run_direction(cell, params, xs, carry0, mask_tm, backward, unroll, impl="sequential",
                    matmul_dtype=None):
   """One direction of one layer, time-major: `xs [T, B, D] -> (hs [T, B, H], carry_T)`."""
+  if impl == "sequential" and backward == "manual":  # U x_t included (fused where native)
+    return input_recurrence(cell, params, xs, carry0, mask_tm, unroll, matmul_dtype)
   a = project_time_major(params, xs, matmul_dtype)       # U x_t; the scans add b in their body
   if impl == "parallel":
     hs, carry_T = cell.parallel_scan(base.add_bias(a, params["b"]), carry0, mask_tm,
                                      backward=backward)
-  elif backward == "manual":
-    hs, carry_T = recurrence(cell, params, a, carry0, mask_tm, unroll, matmul_dtype)
   else:
     hs, carry_T, _ = recurrent_scan(cell, params, a, carry0, mask_tm, unroll=unroll,
                                     matmul_dtype=matmul_dtype)

@@ -59,6 +59,9 @@ class Cell(NamedTuple):
     parallel_scan: `parallel_scan(a [T, B, G], carry0, mask [T, B] or None, *, backward) ->
       (hs [T, B, H], carry_T)`, the recurrence in `O(log T)` depth with the same results (and
       masking rules) as `jaxrnn.scan.recurrent_scan`; None if the cell has no parallel form.
+    kernel: the name of a native loop in `jaxrnn.kernels` that computes exactly this cell's
+      `recurrent_scan` and manual backward ("lstm" or "gru"); None for every other cell. A
+      cell built with `_replace` on different `pointwise` functions must drop it.
   """
   name: str
   num_blocks: int
@@ -68,6 +71,7 @@ class Cell(NamedTuple):
   pointwise_bwd: Optional[Callable[..., tuple]] = None
   recurrent_weights: bool = True
   parallel_scan: Optional[Callable[..., tuple]] = None
+  kernel: Optional[str] = None
 
 
 def uniform_init(key, shape, bound, dtype):

@@ -54,4 +54,4 @@ def gru() -> Cell:
     d_rec = jnp.concatenate([d_pre_r, d_pre_z, d_pre_n * r], axis=-1)
     return d_a, d_rec, (dh * z,)
 
-  return Cell("gru", 3, 1, init, pointwise, pointwise_bwd)
+  return Cell("gru", 3, 1, init, pointwise, pointwise_bwd, kernel="gru")

@@ -64,4 +64,4 @@ def lstm(forget_bias: float = 0.0) -> Cell:
     d_gate = jnp.concatenate([dc * g, dc * c_prev, 4 * dc * i, dh * tanh_c], axis=-1)
     return d_gate * s * (1 - s), None, (jnp.zeros_like(dh), dc * f)
 
-  return Cell("lstm", 4, 2, init, pointwise, pointwise_bwd)
+  return Cell("lstm", 4, 2, init, pointwise, pointwise_bwd, kernel="lstm")

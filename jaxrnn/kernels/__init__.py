@@ -1,0 +1,228 @@
+"""Native CPU kernels for the sequential loops, called through the XLA FFI (`jax.ffi`).
+
+Shape legend: `T` time, `B` batch, `D` input, `H` hidden, `G = num_blocks * H` (4 for the LSTM,
+3 for the GRU); time-major `[T, B, ...]`.
+
+The cells in `jaxrnn.cells` are the definitions; `jaxrnn.scan` / `jaxrnn.backward` unroll them
+with `lax.scan`. For the LSTM and the GRU on CPU, the forward and manual-backward loops also
+exist as one C++ loop each (`cells_cpu.cc`), which compute the same numbers (tests/test_kernels.py)
+with `U` and `W` packed once per sequence, `U x_t` and `W h_{t-1}` accumulated in one register
+tile, the gate arithmetic on the accumulators, and the hidden units split between threads;
+`jaxrnn.backward.input_recurrence` (every manual-backward layer of `jaxrnn.rnn`) uses them where
+`applies`.
+
+The source is compiled on first use with the system's C++ compiler (`$CXX`, else `c++`) for the
+host CPU and cached under `$JAXRNN_CACHE_DIR` (default `~/.cache/jaxrnn`), keyed by the source,
+the compiler and the jaxlib headers. Without a compiler, or with `JAXRNN_NATIVE=0`, nothing is
+compiled and every path stays the `lax.scan` one.
+"""
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+_SOURCE = Path(__file__).with_name("cells_cpu.cc")
+_TARGETS = ("JaxrnnLstmForward", "JaxrnnLstmBackward", "JaxrnnGruForward", "JaxrnnGruBackward")
+_FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-fno-math-errno")
+LANES = 16  # H must be a multiple of this (one vector of floats)
+
+
+def _compiler() -> Optional[str]:
+  return shutil.which(os.environ.get("CXX", "c++"))
+
+
+def _cache_dir() -> Path:
+  return Path(os.environ.get("JAXRNN_CACHE_DIR", Path.home() / ".cache" / "jaxrnn"))
+
+
+def _host_cpu() -> bytes:
+  """What `-march=native` compiles for: the CPU's model and feature flags where the OS says
+  (a cache shared between different machines must not hand one the other's instructions)."""
+  try:
+    with open("/proc/cpuinfo") as f:
+      lines = [l for l in f if l.startswith(("model name", "flags", "Features", "CPU part"))]
+    return "".join(sorted(set(lines))).encode()
+  except OSError:
+    return (platform.processor() or "").encode()
+
+
+@functools.cache
+def library() -> Optional[ctypes.CDLL]:
+  """The compiled kernels (built on the first call, then cached on disk), or None.
+
+  None where `JAXRNN_NATIVE=0`, there is no C++ compiler, or the build failed (the reason is in
+  `build_error()`).
+  """
+  if os.environ.get("JAXRNN_NATIVE", "1") == "0":
+    return None
+  if not hasattr(jax, "ffi") or not hasattr(jax.ffi, "include_dir"):
+    _errors.append(f"jax {jax.__version__} has no jax.ffi (needs a newer jax)")
+    return None
+  cxx = _compiler()
+  if cxx is None:
+    _errors.append("no C++ compiler (set CXX or install one)")
+    return None
+  include = jax.ffi.include_dir()
+  key = hashlib.sha256()
+  for part in (_SOURCE.read_bytes(), cxx.encode(), " ".join(_FLAGS).encode(),
+               include.encode(), jax.__version__.encode(), platform.machine().encode(),
+               _host_cpu()):
+    key.update(part)
+  target = _cache_dir() / f"jaxrnn_kernels_{key.hexdigest()[:16]}.so"
+  try:
+    if not target.exists():
+      _build(cxx, include, target)
+    lib = ctypes.cdll.LoadLibrary(str(target))
+  except (OSError, subprocess.SubprocessError, RuntimeError) as e:
+    _errors.append(f"{type(e).__name__}: {e}")
+    return None
+  for symbol in _TARGETS:  # JaxrnnLstmForward -> jaxrnn_lstm_forward
+    name = "jaxrnn" + "".join("_" + c.lower() if c.isupper() else c for c in symbol[6:])
+    jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(getattr(lib, symbol)), platform="cpu")
+  return lib
+
+
+_errors: list[str] = []
+
+
+def _build(cxx: str, include: str, target: Path) -> None:
+  """Compile the source to `target`: built beside it and renamed into place, so that a concurrent
+  or interrupted build never leaves a half-written library under the final name."""
+  target.parent.mkdir(parents=True, exist_ok=True)
+  fd, tmp = tempfile.mkstemp(suffix=".so.tmp", dir=target.parent)
+  os.close(fd)
+  try:
+    proc = subprocess.run([cxx, *_FLAGS, f"-I{include}", str(_SOURCE), "-o", tmp],
+                          capture_output=True, text=True, timeout=600)
+    if proc.returncode != 0:
+      raise RuntimeError(f"{cxx} failed:\n{proc.stderr[-4000:]}")
+    os.replace(tmp, target)
+  finally:
+    if os.path.exists(tmp):
+      os.unlink(tmp)
+
+
+def build_error() -> Optional[str]:
+  """Why `library()` is None (None if it is not, or was not tried)."""
+  return _errors[-1] if _errors else None
+
+
+def threads_for(batch: int, hidden: int) -> int:
+  """Threads for one loop: 1 where a step is too small to share (the per-step barrier would cost
+  more than the split saves), else the CPUs this process may use (the kernel also stops at one per
+  16 hidden units and one per XLA pool worker). `JAXRNN_THREADS` overrides it (experiments)."""
+  if "JAXRNN_THREADS" in os.environ:
+    return int(os.environ["JAXRNN_THREADS"])
+  if batch * hidden * hidden < 8 * 64 * 64:
+    return 1
+  cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+  return max(1, min(cpus or 1, hidden // LANES))
+
+
+BLOCKS = {"lstm": 4, "gru": 3}
+
+
+def applies(cell, params: dict, xs: jax.Array, carry0, mask, matmul_dtype) -> bool:
+  """Whether `jaxrnn.backward.input_recurrence` may run this call through the native loops.
+
+  Static (trace-time) conditions: one of the library's LSTM or GRU cells (`cell.kernel`), no
+  mask, no `matmul_dtype`, float32 time-major `xs [T, B, D]` (T, B, D >= 1), `U [G, D]`,
+  `W [G, H]`, `b`, `bh [G]` and carry `[B, H]`, with `H` a multiple of 16, and the library built
+  (see `library`). The platform is decided later, at lowering, by `lax.platform_dependent`: on
+  anything but CPU the same call is the `lax.scan` path.
+  """
+  if cell.kernel not in BLOCKS or mask is not None or matmul_dtype is not None:
+    return False
+  carry_size = 2 if cell.kernel == "lstm" else 1
+  if xs.ndim != 3 or min(xs.shape) < 1 or len(carry0) != carry_size:
+    return False
+  W = params.get("W")
+  arrays = [xs, params.get("U"), W, params.get("b"), params.get("bh"), *carry0]
+  if any(x is None or x.dtype != jnp.float32 for x in arrays):
+    return False
+  T, B, D = xs.shape
+  G, H = W.shape
+  if H % LANES or G != BLOCKS[cell.kernel] * H or params["U"].shape != (G, D):
+    return False
+  if params["b"].shape != (G,) or params["bh"].shape != (G,):
+    return False
+  if any(c.shape != (B, H) for c in carry0):
+    return False
+  return library() is not None
+
+
+def _require_library() -> None:
+  if library() is None:
+    raise RuntimeError(f"jaxrnn's native kernels are not available: {build_error()}")
+
+
+def lstm_forward(xs: jax.Array, U: jax.Array, W: jax.Array, bias: jax.Array, h0: jax.Array,
+                 c0: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """The LSTM forward loop with its input projection: `xs [T, B, D]`, `U [4H, D]`, `W [4H, H]`,
+  `bias [4H]` (`b + bh`), `h0, c0 [B, H]` -> `(hs, cs) [T, B, H]` and the activated gates
+  `s [T, B, 4H]` (the g block as `sigmoid(2 z_g)`, as `jaxrnn.cells.lstm` saves them). CPU only.
+
+  `U x_t` is accumulated with `W h_{t-1}` in the step's GEMM, so no `[T, B, 4H]` projection is
+  written to memory and read back (on the char-LM step that array, freshly mapped by the
+  allocator every step, cost 6.7 ms in its GEMM, most of it page faults)."""
+  _require_library()
+  T, B, _ = xs.shape
+  G, H = W.shape
+  out = (jax.ShapeDtypeStruct((T, B, H), jnp.float32),) * 2 + (
+      jax.ShapeDtypeStruct((T, B, G), jnp.float32),)
+  return jax.ffi.ffi_call("jaxrnn_lstm_forward", out, vmap_method="sequential")(
+      xs, U, W, bias, h0, c0, threads=np.int64(threads_for(B, H)))
+
+
+def lstm_backward(W: jax.Array, s: jax.Array, cs: jax.Array, c0: jax.Array, d_hs: jax.Array,
+                  dh_T: jax.Array, dc_T: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """The LSTM manual-backward loop: from `lstm_forward`'s `s`, `cs` and `c0`, the output
+  cotangent `d_hs [T, B, H]` and the final carry's `(dh_T, dc_T) [B, H]` -> `d_a^T [4H, T, B]`
+  (`dL/dz_t`, which is `dL/da_t` and `dL/d(b + bh)` per step, transposed: the layout in which the
+  weight gradients' GEMMs read it without a copy) and `(dh_0, dc_0) [B, H]`."""
+  _require_library()
+  T, B, G = s.shape
+  H = G // 4
+  out = (jax.ShapeDtypeStruct((G, T, B), jnp.float32),
+         jax.ShapeDtypeStruct((B, H), jnp.float32), jax.ShapeDtypeStruct((B, H), jnp.float32))
+  return jax.ffi.ffi_call("jaxrnn_lstm_backward", out, vmap_method="sequential")(
+      W, s, cs, c0, d_hs, dh_T, dc_T, threads=np.int64(threads_for(B, H)))
+
+
+def gru_forward(xs: jax.Array, U: jax.Array, W: jax.Array, b: jax.Array, bh: jax.Array,
+                h0: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """The GRU forward loop with its input projection: `xs [T, B, D]`, `U [3H, D]`, `W [3H, H]`,
+  `b, bh [3H]`, `h0 [B, H]` -> `hs [T, B, H]` and the residuals `[r | z | n | rec_n] [T, B, 4H]`
+  (`rec_n = W_n h_{t-1} + bh_n`). CPU only."""
+  _require_library()
+  T, B, _ = xs.shape
+  G, H = W.shape
+  out = (jax.ShapeDtypeStruct((T, B, H), jnp.float32),
+         jax.ShapeDtypeStruct((T, B, 4 * H), jnp.float32))
+  return jax.ffi.ffi_call("jaxrnn_gru_forward", out, vmap_method="sequential")(
+      xs, U, W, b, bh, h0, threads=np.int64(threads_for(B, H)))
+
+
+def gru_backward(W: jax.Array, res: jax.Array, hs: jax.Array, h0: jax.Array, d_hs: jax.Array,
+                 dh_T: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """The GRU manual-backward loop: from `gru_forward`'s `res` and `hs`, `h0`, the output
+  cotangent `d_hs [T, B, H]` and the final state's `dh_T [B, H]` -> `[d_r | d_z | d_n r | d_n]`
+  transposed, `[4H, T, B]` (the pre-activation gradients: `d_rec = [d_r | d_z | d_n r]` for `W`,
+  `bh` and the recurrence, `d_a = [d_r | d_z | d_n]` for `U`, `b`) and `dh_0 [B, H]`."""
+  _require_library()
+  T, B, H = hs.shape
+  out = (jax.ShapeDtypeStruct((4 * H, T, B), jnp.float32), jax.ShapeDtypeStruct((B, H), jnp.float32))
+  return jax.ffi.ffi_call("jaxrnn_gru_backward", out, vmap_method="sequential")(
+      W, res, hs, h0, d_hs, dh_T, threads=np.int64(threads_for(B, H)))

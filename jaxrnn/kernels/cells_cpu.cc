@@ -1,0 +1,609 @@
+// The LSTM and GRU recurrences as fused CPU loops, called from JAX through the XLA FFI.
+//
+// Shape legend: T time, B batch, D input, H hidden; gate blocks in PyTorch's order, LSTM
+// (i | f | g | o), GRU (r | z | n). The reference definitions are `jaxrnn.cells.lstm` and
+// `jaxrnn.cells.gru` (pointwise and pointwise_bwd), unrolled by `jaxrnn.scan.recurrent_scan` /
+// `jaxrnn.backward.recurrent_scan_bwd`; these loops compute the same numbers
+// (tests/test_kernels.py checks them against it and against NumPy) with what XLA:CPU cannot do
+// from a scan body: `U` and `W` packed once per sequence instead of once per step, `U x_t` and
+// `W h_{t-1}` accumulated in one register tile, the gate arithmetic done on the accumulators, and
+// the hidden units split between threads that meet at one barrier per step.
+//
+// LSTM forward, per step (z = U x_t + b + W h_{t-1} + bh, the g block scaled by 2):
+//   s_t = sigmoid(scale * z)  [B, 4H]; i, f, o = blocks of s; g = 2 s_g - 1 (= tanh(z_g))
+//   c_t = f c_{t-1} + i g;  h_t = o tanh(c_t)
+// LSTM backward, per step t = T-1 .. 0, with dh = d_hs[t] + (d_a_{t+1} W), dc carried:
+//   dc += dh o (1 - tanh(c_t)^2)
+//   d_a_t = [dc g, dc c_{t-1}, 4 dc i, dh tanh(c_t)] * s (1 - s);  dc <- dc f
+// GRU forward, per step (a = U x_t + b, rec = W h_{t-1} + bh, blocks r | z | n):
+//   r, z = sigmoid(a_rz + rec_rz);  n = tanh(a_n + r rec_n);  h_t = (1 - z) n + z h_{t-1}
+//   residual [r | z | n | rec_n]  [B, 4H]
+// GRU backward, per step, with dh = d_hs[t] + dh z_{t+1} + (d_rec_{t+1} W):
+//   d_n = dh (1 - z)(1 - n^2);  d_r = d_n rec_n r (1 - r);  d_z = dh (h_{t-1} - n) z (1 - z)
+//   d_a = [d_r | d_z | d_n] (for U, b);  d_rec = [d_r | d_z | d_n r] (for W, bh, and dh_{t-1})
+//
+// Vectors are GCC/Clang vector extensions (16 floats): AVX-512 with -march=native on x86, split
+// by the compiler into whatever the target has elsewhere.
+#include <sched.h>
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
+
+#include <algorithm>
+#include <atomic>
+#include <cstdint>
+#include <cstring>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+constexpr int kLanes = 16;
+typedef float vf __attribute__((vector_size(64)));
+typedef int32_t vi __attribute__((vector_size(64)));
+
+inline vf load(const float* p) {
+  vf v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+
+inline void store(float* p, vf v) { std::memcpy(p, &v, sizeof(v)); }
+
+inline vf splat(float x) { return vf{x, x, x, x, x, x, x, x, x, x, x, x, x, x, x, x}; }
+
+// exp(x) to ~1 ulp over the float range: Cody-Waite reduction by ln 2 and Cephes' polynomial.
+inline vf vexp(vf x) {
+  x = x < 88.0f ? x : splat(88.0f);
+  x = x > -87.0f ? x : splat(-87.0f);
+  const float kShift = 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer
+  vf t = x * 1.44269504088896341f + kShift;
+  vf n = t - kShift;
+  vi ni = (vi)t - (vi)splat(kShift);
+  vf r = x - n * 0.693359375f;
+  r = r - n * -2.12194440e-4f;
+  vf p = splat(1.9875691500e-4f);
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  vf scale = (vf)((ni + 127) << 23);
+  return p * scale;
+}
+
+inline vf sigmoid(vf z) { return 1.0f / (1.0f + vexp(-z)); }
+inline vf tanh_(vf x) { return 2.0f * sigmoid(2.0f * x) - 1.0f; }
+
+// A barrier the threads of one call meet at once per step: a short spin (a step is tens of
+// microseconds), then sched_yield, so that a thread XLA left runnable on the same core (its pool
+// workers spin for a while after their own work) does not stall the barrier for a whole time slice:
+// spinning longer measured 6-14x slower inside a JAX process than 200 spins (tests aside,
+// experiments/PERF_NOTES.md).
+class SpinBarrier {
+ public:
+  explicit SpinBarrier(int n) : n_(n) {}
+  void Wait() {
+    if (n_ == 1) return;
+    int gen = gen_.load(std::memory_order_acquire);
+    if (count_.fetch_add(1, std::memory_order_acq_rel) == n_ - 1) {
+      count_.store(0, std::memory_order_relaxed);
+      gen_.store(gen + 1, std::memory_order_release);
+    } else {
+      for (int spins = 0; gen_.load(std::memory_order_acquire) == gen; ++spins) {
+        if (spins > 200) {
+          sched_yield();
+          continue;
+        }
+#if defined(__x86_64__) || defined(__i386__)
+        __builtin_ia32_pause();
+#endif
+      }
+    }
+  }
+
+ private:
+  const int n_;
+  std::atomic<int> count_{0};
+  std::atomic<int> gen_{0};
+};
+
+// Runs body(p) for p in [0, threads): p = 0 on the caller, the others as tasks on XLA's CPU
+// thread pool (its workers are idle while this call runs; a helper std::thread per call instead
+// measured 1.5-2x slower, an extra runnable thread on the same cores). The bodies meet at
+// barriers, so they must run concurrently: a task the pool runs inline on the caller (what
+// ffi::ThreadPool does when scheduling fails) starts a std::thread for its body instead.
+template <typename Pool, typename F>
+void Parallel(Pool& pool, int threads, F body) {
+  const std::thread::id caller = std::this_thread::get_id();
+  std::atomic<int> done{0};
+  std::vector<std::thread> fallback;
+  for (int p = 1; p < threads; ++p) {
+    pool.Schedule([&, p] {
+      if (std::this_thread::get_id() == caller) {
+        fallback.emplace_back([&, p] { body(p); done.fetch_add(1, std::memory_order_release); });
+        return;
+      }
+      body(p);
+      done.fetch_add(1, std::memory_order_release);
+    });
+  }
+  body(0);
+  while (done.load(std::memory_order_acquire) != threads - 1) sched_yield();
+  for (auto& t : fallback) t.join();
+}
+
+// The 16-lane unit chunks [begin, end) that thread p of `threads` owns.
+inline void Share(int chunks, int threads, int p, int* begin, int* end) {
+  *begin = chunks * p / threads;
+  *end = chunks * (p + 1) / threads;
+}
+
+// Pack M [NB H, K] (NB gate blocks of H rows) as [H / 16][K][NB][16]: the NB x 16 weights one
+// step of the tile GEMM reads are contiguous.
+std::vector<float> Pack(const float* M, int NB, int64_t H, int64_t K) {
+  std::vector<float> packed((size_t)NB * H * K);
+  for (int64_t j = 0; j < H / kLanes; ++j)
+    for (int64_t k = 0; k < K; ++k)
+      for (int blk = 0; blk < NB; ++blk)
+        for (int l = 0; l < kLanes; ++l)
+          packed[((j * K + k) * NB + blk) * kLanes + l] = M[(blk * H + j * kLanes + l) * K + k];
+  return packed;
+}
+
+// acc[r][Ts[b]] += sum_k src[r, k] w[k, b, :] for the rows r of the row-major `src` (stride K)
+// and the packed blocks b: one tile of the step's GEMM, 16 units of each gate block, with the
+// packed block b accumulating into accumulator Ts[b] (the GRU keeps `U x` and `W h` of its n block
+// apart, so its two GEMMs map their three blocks to different accumulators).
+template <int R, int... Ts>
+inline void Accumulate(vf (&acc)[R][4], const float* src, int K, const float* w) {
+  constexpr int NB = sizeof...(Ts);
+  constexpr int target[NB] = {Ts...};
+  for (int k = 0; k < K; ++k, w += NB * kLanes) {
+    vf wv[NB];
+    for (int b = 0; b < NB; ++b) {
+      wv[b] = load(w + b * kLanes);
+      // Keep the weight vectors in registers: left to itself GCC folds them into the FMAs as
+      // memory operands, one load per row and block, and the tile ran at half the FMA rate.
+#if defined(__x86_64__)
+      __asm__("" : "+v"(wv[b]));
+#endif
+    }
+    for (int r = 0; r < R; ++r) {
+      vf v = splat(src[(size_t)r * K + k]);
+      for (int b = 0; b < NB; ++b) acc[r][target[b]] += v * wv[b];
+    }
+  }
+}
+
+// The forward loop shared by the cells: for every step, after a barrier (h_{t-1} complete), each
+// thread runs `tile<R>(t, r0, j)` over its 16-unit chunks j and the batch in 4-row tiles.
+template <typename Pool, typename Tile4, typename Tile1>
+void ForwardLoop(Pool& pool, int T, int B, int H, int threads, Tile4 tile4, Tile1 tile1) {
+  SpinBarrier barrier(threads);
+  Parallel(pool, threads, [&](int p) {
+    int j0, j1;
+    Share(H / kLanes, threads, p, &j0, &j1);
+    for (int t = 0; t < T; ++t) {
+      if (t > 0) barrier.Wait();
+      for (int j = j0; j < j1; ++j) {
+        int r = 0;
+        for (; r + 4 <= B; r += 4) tile4(t, r, j);
+        for (; r < B; ++r) tile1(t, r, j);
+      }
+    }
+  });
+}
+
+// The backward loops' recurrent GEMM: dh[r0:r0+R, 16 j : 16 (j + NV)] (+)= d_rec[r0:r0+R] W[:,
+// those units], with `d_rec` row-major [B, G] (row stride ld >= G) and W [G, H]. Overwrites
+// (LSTM) or adds to what the gate phase left in dh (GRU's direct dh z term).
+template <int R, int NV, bool kAdd>
+inline void BwdTile(const float* d_rec, int ld, int G, const float* W, int H, float* dh, int r0,
+                    int j) {
+  const float* w = W + j * kLanes;
+  d_rec += (size_t)r0 * ld;
+  vf acc[R][NV] = {};
+  for (int g = 0; g < G; ++g, w += H) {
+    vf wv[NV];
+    for (int v = 0; v < NV; ++v) wv[v] = load(w + v * kLanes);
+    for (int r = 0; r < R; ++r) {
+      vf d = splat(d_rec[(size_t)r * ld + g]);
+      for (int v = 0; v < NV; ++v) acc[r][v] += d * wv[v];
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    for (int v = 0; v < NV; ++v) {
+      float* out = dh + (size_t)(r0 + r) * H + (j + v) * kLanes;
+      store(out, kAdd ? load(out) + acc[r][v] : acc[r][v]);
+    }
+  }
+}
+
+// One thread's part of the recurrent GEMM, units [16 j0, 16 j1): column pairs outer, rows inner,
+// so that the pair's strip of W (G x 32 floats) stays in L2 while every row tile reads it (rows
+// outer re-streamed all of W per tile: LSTM large's 4 MB W from L3, 127 -> 110 ms for its
+// backward loop).
+template <bool kAdd>
+void BwdGemm(const float* d_rec, int B, int ld, int G, const float* W, int H, float* dh, int j0,
+             int j1) {
+  for (int j = j0; j < j1; j += 2) {
+    const bool pair = j + 2 <= j1;
+    int r = 0;
+    for (; r + 8 <= B; r += 8) {
+      if (pair) BwdTile<8, 2, kAdd>(d_rec, ld, G, W, H, dh, r, j);
+      else BwdTile<8, 1, kAdd>(d_rec, ld, G, W, H, dh, r, j);
+    }
+    for (; r < B; ++r) {
+      if (pair) BwdTile<1, 2, kAdd>(d_rec, ld, G, W, H, dh, r, j);
+      else BwdTile<1, 1, kAdd>(d_rec, ld, G, W, H, dh, r, j);
+    }
+  }
+}
+
+// Columns [g0, g0 + 16) of the row-major step block `rows` [B, ld] into the transposed output
+// `d_t` [., T, B] at step t. XLA transposed the row-major per-step gradients twice after the loop
+// (for dW and for dU: 5.8 ms of a 48 ms LSTM char-LM step); this is one pass over L1 here.
+inline void StoreTransposed(const float* rows, int ld, int g0, int B, int T, int t, int out_g0,
+                            float* d_t) {
+  for (int l = 0; l < kLanes; ++l) {
+    float* dst = d_t + ((size_t)(out_g0 + l) * T + t) * B;
+    for (int b = 0; b < B; ++b) dst[b] = rows[(size_t)b * ld + g0 + l];
+  }
+}
+
+// The backward loop shared by the cells: for every step, from the last, each thread computes its
+// units' gate gradients into the step's `[B, 4H]` block of `rows` (`gates(t, rows, j0, j1)`),
+// then, after a barrier (the block complete), its units of `dh_{t-1}` += the block's first G
+// columns times W. Two blocks in turn: a thread may start step t-1's gates while the other still
+// reads step t's.
+template <bool kAdd, typename Pool, typename Gates>
+void BackwardLoop(Pool& pool, int T, int B, int H, int G, const float* W, float* rows, float* dh,
+                  int threads, Gates gates) {
+  SpinBarrier barrier(threads);
+  Parallel(pool, threads, [&](int p) {
+    int j0, j1;
+    Share(H / kLanes, threads, p, &j0, &j1);
+    for (int t = T - 1; t >= 0; --t) {
+      float* block = rows + (size_t)(t & 1) * B * 4 * H;
+      gates(t, block, j0, j1);
+      barrier.Wait();
+      BwdGemm<kAdd>(block, B, 4 * H, G, W, H, dh, j0, j1);
+    }
+  });
+}
+
+// ---------------------------------------------------------------------------------------------
+// LSTM
+
+struct LstmFwd {
+  int T, B, D, H;
+  const float* xs;    // [T, B, D]
+  const float* bias;  // [4H], b + bh
+  const float* wp;    // Pack(W, 4, H, H)
+  const float* up;    // Pack(U, 4, H, D)
+  const float* h0;    // [B, H]
+  const float* c0;    // [B, H]
+  float* hs;          // [T, B, H]
+  float* cs;          // [T, B, H]
+  float* s;           // [T, B, 4H]
+};
+
+// Rows [r0, r0 + R) of step t, units [16 j, 16 j + 16): the GEMM tile, then gates and states.
+template <int R>
+inline void LstmFwdTile(const LstmFwd& x, int t, int r0, int j) {
+  const int H = x.H, G = 4 * H, u = j * kLanes;
+  const float* hprev = t == 0 ? x.h0 : x.hs + (size_t)(t - 1) * x.B * H;
+  const float* cprev = t == 0 ? x.c0 : x.cs + (size_t)(t - 1) * x.B * H;
+  vf acc[R][4] = {};
+  Accumulate<R, 0, 1, 2, 3>(acc, hprev + (size_t)r0 * H, H, x.wp + (size_t)j * H * 4 * kLanes);
+  Accumulate<R, 0, 1, 2, 3>(acc, x.xs + ((size_t)t * x.B + r0) * x.D, x.D,
+                            x.up + (size_t)j * x.D * 4 * kLanes);
+  for (int r = 0; r < R; ++r) {
+    const size_t row = (size_t)t * x.B + r0 + r;
+    float* s = x.s + row * G;
+    vf z[4];
+    for (int blk = 0; blk < 4; ++blk) z[blk] = acc[r][blk] + load(x.bias + blk * H + u);
+    vf si = sigmoid(z[0]), sf = sigmoid(z[1]), sg = sigmoid(2.0f * z[2]), so = sigmoid(z[3]);
+    store(s + u, si);
+    store(s + H + u, sf);
+    store(s + 2 * H + u, sg);
+    store(s + 3 * H + u, so);
+    vf c = sf * load(cprev + (size_t)(r0 + r) * H + u) + si * (2.0f * sg - 1.0f);
+    store(x.cs + row * H + u, c);
+    store(x.hs + row * H + u, so * tanh_(c));
+  }
+}
+
+struct LstmBwd {
+  int T, B, H;
+  const float* w;     // W [4H, H]
+  const float* s;     // [T, B, 4H]
+  const float* cs;    // [T, B, H]
+  const float* c0;    // [B, H]
+  const float* d_hs;  // [T, B, H]
+  float* d_t;         // [4H, T, B]: d_a transposed, the layout the weight-gradient GEMMs read
+  float* rows;        // [2][B, 4H]: d_a_t row-major for the recurrent GEMM, two steps in turn
+  float* dh;          // [B, H]: d_hT in, then (d_a_{t+1} W), finally dL/dh_0
+  float* dc;          // [B, H]: d_cT in, carried, finally dL/dc_0
+};
+
+// Step t's gate gradients, rows [0, B), units [16 j0, 16 j1): into `rows`, then into `d_t`.
+inline void LstmBwdGates(const LstmBwd& x, int t, float* rows, int j0, int j1) {
+  const int H = x.H, G = 4 * H, B = x.B;
+  for (int u = j0 * kLanes; u < j1 * kLanes; u += kLanes) {
+    for (int b = 0; b < B; ++b) {
+      const size_t row = (size_t)t * B + b;
+      const float* s = x.s + row * G;
+      float* d_a = rows + (size_t)b * G;
+      const size_t i = (size_t)b * H + u;
+      vf dh = load(x.d_hs + row * H + u) + load(x.dh + i);
+      vf c = load(x.cs + row * H + u);
+      vf c_prev = t == 0 ? load(x.c0 + i) : load(x.cs + (row - B) * H + u);
+      vf si = load(s + u), sf = load(s + H + u), sg = load(s + 2 * H + u), so = load(s + 3 * H + u);
+      vf th = tanh_(c);
+      vf dc = load(x.dc + i) + dh * so * (1.0f - th * th);
+      store(d_a + u, dc * (2.0f * sg - 1.0f) * si * (1.0f - si));
+      store(d_a + H + u, dc * c_prev * sf * (1.0f - sf));
+      store(d_a + 2 * H + u, 4.0f * dc * si * sg * (1.0f - sg));
+      store(d_a + 3 * H + u, dh * th * so * (1.0f - so));
+      store(x.dc + i, dc * sf);
+    }
+    for (int blk = 0; blk < 4; ++blk)
+      StoreTransposed(rows, G, blk * H + u, B, x.T, t, blk * H + u, x.d_t);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// GRU
+
+struct GruFwd {
+  int T, B, D, H;
+  const float* xs;    // [T, B, D]
+  const float* b;     // [3H]
+  const float* bh;    // [3H]
+  const float* wp;    // Pack(W, 3, H, H)
+  const float* up;    // Pack(U, 3, H, D)
+  const float* h0;    // [B, H]
+  float* hs;          // [T, B, H]
+  float* res;         // [T, B, 4H]: r | z | n | rec_n
+};
+
+// Accumulators: 0 = r (U x + W h), 1 = z (U x + W h), 2 = U_n x, 3 = W_n h.
+template <int R>
+inline void GruFwdTile(const GruFwd& x, int t, int r0, int j) {
+  const int H = x.H, u = j * kLanes;
+  const float* hprev = t == 0 ? x.h0 : x.hs + (size_t)(t - 1) * x.B * H;
+  vf acc[R][4] = {};
+  Accumulate<R, 0, 1, 3>(acc, hprev + (size_t)r0 * H, H, x.wp + (size_t)j * H * 3 * kLanes);
+  Accumulate<R, 0, 1, 2>(acc, x.xs + ((size_t)t * x.B + r0) * x.D, x.D,
+                         x.up + (size_t)j * x.D * 3 * kLanes);
+  for (int r = 0; r < R; ++r) {
+    const size_t row = (size_t)t * x.B + r0 + r;
+    float* res = x.res + row * 4 * H;
+    vf rg = sigmoid(acc[r][0] + load(x.b + u) + load(x.bh + u));
+    vf zg = sigmoid(acc[r][1] + load(x.b + H + u) + load(x.bh + H + u));
+    vf rec_n = acc[r][3] + load(x.bh + 2 * H + u);
+    vf n = tanh_(acc[r][2] + load(x.b + 2 * H + u) + rg * rec_n);
+    vf h = (1.0f - zg) * n + zg * load(hprev + (size_t)(r0 + r) * H + u);
+    store(res + u, rg);
+    store(res + H + u, zg);
+    store(res + 2 * H + u, n);
+    store(res + 3 * H + u, rec_n);
+    store(x.hs + row * H + u, h);
+  }
+}
+
+struct GruBwd {
+  int T, B, H;
+  const float* w;     // W [3H, H]
+  const float* res;   // [T, B, 4H]
+  const float* hs;    // [T, B, H]
+  const float* h0;    // [B, H]
+  const float* d_hs;  // [T, B, H]
+  float* d_t;         // [4H, T, B]: d_r | d_z | d_n r | d_n, transposed
+  float* rows;        // [2][B, 4H]: d_r | d_z | d_n r | d_n, row-major (d_rec_t: the first 3H)
+  float* dh;          // [B, H]: d_hT in, then dh z + (d_rec W), finally dL/dh_0
+};
+
+inline void GruBwdGates(const GruBwd& x, int t, float* rows, int j0, int j1) {
+  const int H = x.H, B = x.B, ld = 4 * H;
+  for (int u = j0 * kLanes; u < j1 * kLanes; u += kLanes) {
+    for (int b = 0; b < B; ++b) {
+      const size_t row = (size_t)t * B + b;
+      const float* res = x.res + row * 4 * H;
+      float* d_rec = rows + (size_t)b * ld;
+      const size_t i = (size_t)b * H + u;
+      vf dh = load(x.d_hs + row * H + u) + load(x.dh + i);
+      vf h_prev = t == 0 ? load(x.h0 + i) : load(x.hs + (row - B) * H + u);
+      vf rg = load(res + u), zg = load(res + H + u), n = load(res + 2 * H + u);
+      vf rec_n = load(res + 3 * H + u);
+      vf d_n = dh * (1.0f - zg) * (1.0f - n * n);
+      store(d_rec + u, d_n * rec_n * rg * (1.0f - rg));
+      store(d_rec + H + u, dh * (h_prev - n) * zg * (1.0f - zg));
+      store(d_rec + 2 * H + u, d_n * rg);
+      store(d_rec + 3 * H + u, d_n);
+      store(x.dh + i, dh * zg);  // the GEMM adds d_rec W to it
+    }
+    for (int blk = 0; blk < 4; ++blk)
+      StoreTransposed(rows, ld, blk * H + u, B, x.T, t, blk * H + u, x.d_t);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The FFI handlers
+
+// Ask for transparent huge pages on the 2 MB-aligned part of an output buffer before the loop
+// first writes it. XLA:CPU allocates a step's temporaries as one block, which glibc maps fresh on
+// every step once it passes 32 MB (the char-LM step's is 50 MB), so every 4 KB page of the
+// outputs faults again each step: 8 ms of the forward loop's 16.6 ms on the char-LM step. With
+// THP in "madvise" mode (the common default) this makes that 512x fewer faults; elsewhere a no-op.
+void AdviseHugePages(void* data, size_t bytes) {
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  constexpr uintptr_t kHuge = uintptr_t{2} << 20;
+  uintptr_t begin = (reinterpret_cast<uintptr_t>(data) + kHuge - 1) & ~(kHuge - 1);
+  uintptr_t end = (reinterpret_cast<uintptr_t>(data) + bytes) & ~(kHuge - 1);
+  if (end > begin) madvise(reinterpret_cast<void*>(begin), end - begin, MADV_HUGEPAGE);
+#endif
+}
+
+// Threads for one call: as asked, at most one per 16-unit chunk and one per pool worker + caller.
+template <typename Pool>
+int Threads(int64_t asked, const Pool& pool, int64_t H) {
+  int64_t n = std::min<int64_t>(asked, H / kLanes);
+  n = std::min<int64_t>(n, pool.num_threads() + 1);
+  return (int)std::max<int64_t>(1, n);
+}
+
+// The shapes every handler checks (the Python wrappers check them first, with clearer messages).
+ffi::Error CheckShapes(const char* cell, int64_t T, int64_t B, int64_t D, int64_t H, int64_t G,
+                       int64_t blocks) {
+  if (H <= 0 || H % kLanes != 0 || G != blocks * H || T < 1 || B < 1 || D < 1) {
+    return ffi::Error::InvalidArgument(
+        std::string("jaxrnn ") + cell + " kernel: expected H a positive multiple of 16, G = " +
+        std::to_string(blocks) + " H, T, B, D >= 1; got T=" + std::to_string(T) + " B=" +
+        std::to_string(B) + " D=" + std::to_string(D) + " H=" + std::to_string(H) + " G=" +
+        std::to_string(G));
+  }
+  return ffi::Error::Success();
+}
+
+using F32 = ffi::Buffer<ffi::F32>;
+using F32Out = ffi::ResultBuffer<ffi::F32>;
+
+ffi::Error LstmForwardImpl(F32 xs, F32 u, F32 w, F32 bias, F32 h0, F32 c0, F32Out hs, F32Out cs,
+                           F32Out s, int64_t threads, ffi::ThreadPool pool) {
+  auto dims = xs.dimensions();
+  if (dims.size() != 3) return ffi::Error::InvalidArgument("jaxrnn lstm kernel: xs must be 3-D");
+  const int64_t T = dims[0], B = dims[1], D = dims[2], H = w.dimensions()[1];
+  const int64_t G = w.dimensions()[0];
+  if (auto err = CheckShapes("lstm", T, B, D, H, G, 4); err.failure()) return err;
+  std::vector<float> wp = Pack(w.typed_data(), 4, H, H), up = Pack(u.typed_data(), 4, H, D);
+  AdviseHugePages(hs->typed_data(), sizeof(float) * T * B * H);
+  AdviseHugePages(cs->typed_data(), sizeof(float) * T * B * H);
+  AdviseHugePages(s->typed_data(), sizeof(float) * T * B * G);
+  LstmFwd x{(int)T, (int)B, (int)D, (int)H, xs.typed_data(), bias.typed_data(), wp.data(),
+            up.data(), h0.typed_data(), c0.typed_data(), hs->typed_data(), cs->typed_data(),
+            s->typed_data()};
+  ForwardLoop(pool, x.T, x.B, x.H, Threads(threads, pool, H),
+              [&](int t, int r, int j) { LstmFwdTile<4>(x, t, r, j); },
+              [&](int t, int r, int j) { LstmFwdTile<1>(x, t, r, j); });
+  return ffi::Error::Success();
+}
+
+ffi::Error LstmBackwardImpl(F32 w, F32 s, F32 cs, F32 c0, F32 d_hs, F32 dh_T, F32 dc_T,
+                            F32Out d_t, F32Out dh0, F32Out dc0, int64_t threads,
+                            ffi::ThreadPool pool) {
+  auto dims = s.dimensions();
+  if (dims.size() != 3) return ffi::Error::InvalidArgument("jaxrnn lstm kernel: s must be 3-D");
+  const int64_t T = dims[0], B = dims[1], G = dims[2], H = w.dimensions()[1];
+  if (auto err = CheckShapes("lstm", T, B, 1, H, G, 4); err.failure()) return err;
+  std::memcpy(dh0->typed_data(), dh_T.typed_data(), sizeof(float) * B * H);
+  std::memcpy(dc0->typed_data(), dc_T.typed_data(), sizeof(float) * B * H);
+  AdviseHugePages(d_t->typed_data(), sizeof(float) * T * B * G);
+  std::vector<float> rows(2 * (size_t)B * G);
+  LstmBwd x{(int)T, (int)B, (int)H, w.typed_data(), s.typed_data(), cs.typed_data(),
+            c0.typed_data(), d_hs.typed_data(), d_t->typed_data(), rows.data(),
+            dh0->typed_data(), dc0->typed_data()};
+  BackwardLoop<false>(pool, x.T, x.B, x.H, 4 * x.H, x.w, x.rows, x.dh, Threads(threads, pool, H),
+                      [&](int t, float* rows, int j0, int j1) { LstmBwdGates(x, t, rows, j0, j1); });
+  return ffi::Error::Success();
+}
+
+ffi::Error GruForwardImpl(F32 xs, F32 u, F32 w, F32 b, F32 bh, F32 h0, F32Out hs, F32Out res,
+                          int64_t threads, ffi::ThreadPool pool) {
+  auto dims = xs.dimensions();
+  if (dims.size() != 3) return ffi::Error::InvalidArgument("jaxrnn gru kernel: xs must be 3-D");
+  const int64_t T = dims[0], B = dims[1], D = dims[2], H = w.dimensions()[1];
+  const int64_t G = w.dimensions()[0];
+  if (auto err = CheckShapes("gru", T, B, D, H, G, 3); err.failure()) return err;
+  std::vector<float> wp = Pack(w.typed_data(), 3, H, H), up = Pack(u.typed_data(), 3, H, D);
+  AdviseHugePages(hs->typed_data(), sizeof(float) * T * B * H);
+  AdviseHugePages(res->typed_data(), sizeof(float) * T * B * 4 * H);
+  GruFwd x{(int)T, (int)B, (int)D, (int)H, xs.typed_data(), b.typed_data(), bh.typed_data(),
+           wp.data(), up.data(), h0.typed_data(), hs->typed_data(), res->typed_data()};
+  ForwardLoop(pool, x.T, x.B, x.H, Threads(threads, pool, H),
+              [&](int t, int r, int j) { GruFwdTile<4>(x, t, r, j); },
+              [&](int t, int r, int j) { GruFwdTile<1>(x, t, r, j); });
+  return ffi::Error::Success();
+}
+
+ffi::Error GruBackwardImpl(F32 w, F32 res, F32 hs, F32 h0, F32 d_hs, F32 dh_T, F32Out d_t,
+                           F32Out dh0, int64_t threads, ffi::ThreadPool pool) {
+  auto dims = hs.dimensions();
+  if (dims.size() != 3) return ffi::Error::InvalidArgument("jaxrnn gru kernel: hs must be 3-D");
+  const int64_t T = dims[0], B = dims[1], H = dims[2], G = w.dimensions()[0];
+  if (auto err = CheckShapes("gru", T, B, 1, H, G, 3); err.failure()) return err;
+  std::memcpy(dh0->typed_data(), dh_T.typed_data(), sizeof(float) * B * H);
+  AdviseHugePages(d_t->typed_data(), sizeof(float) * T * B * 4 * H);
+  std::vector<float> rows(2 * (size_t)B * 4 * H);
+  GruBwd x{(int)T, (int)B, (int)H, w.typed_data(), res.typed_data(), hs.typed_data(),
+           h0.typed_data(), d_hs.typed_data(), d_t->typed_data(), rows.data(),
+           dh0->typed_data()};
+  BackwardLoop<true>(pool, x.T, x.B, x.H, 3 * x.H, x.w, x.rows, x.dh, Threads(threads, pool, H),
+                     [&](int t, float* rows, int j0, int j1) { GruBwdGates(x, t, rows, j0, j1); });
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxrnnLstmForward, LstmForwardImpl,
+                              ffi::Ffi::Bind()
+                                  .Arg<F32>()  // xs [T, B, D]
+                                  .Arg<F32>()  // U [4H, D]
+                                  .Arg<F32>()  // W [4H, H]
+                                  .Arg<F32>()  // bias [4H] (b + bh)
+                                  .Arg<F32>()  // h0 [B, H]
+                                  .Arg<F32>()  // c0 [B, H]
+                                  .Ret<F32>()  // hs [T, B, H]
+                                  .Ret<F32>()  // cs [T, B, H]
+                                  .Ret<F32>()  // s [T, B, 4H]
+                                  .Attr<int64_t>("threads")
+                                  .Ctx<ffi::ThreadPool>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxrnnLstmBackward, LstmBackwardImpl,
+                              ffi::Ffi::Bind()
+                                  .Arg<F32>()  // W [4H, H]
+                                  .Arg<F32>()  // s [T, B, 4H]
+                                  .Arg<F32>()  // cs [T, B, H]
+                                  .Arg<F32>()  // c0 [B, H]
+                                  .Arg<F32>()  // d_hs [T, B, H]
+                                  .Arg<F32>()  // dh_T [B, H]
+                                  .Arg<F32>()  // dc_T [B, H]
+                                  .Ret<F32>()  // d_a^T [4H, T, B]
+                                  .Ret<F32>()  // dh_0 [B, H]
+                                  .Ret<F32>()  // dc_0 [B, H]
+                                  .Attr<int64_t>("threads")
+                                  .Ctx<ffi::ThreadPool>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxrnnGruForward, GruForwardImpl,
+                              ffi::Ffi::Bind()
+                                  .Arg<F32>()  // xs [T, B, D]
+                                  .Arg<F32>()  // U [3H, D]
+                                  .Arg<F32>()  // W [3H, H]
+                                  .Arg<F32>()  // b [3H]
+                                  .Arg<F32>()  // bh [3H]
+                                  .Arg<F32>()  // h0 [B, H]
+                                  .Ret<F32>()  // hs [T, B, H]
+                                  .Ret<F32>()  // res [T, B, 4H]: r | z | n | rec_n
+                                  .Attr<int64_t>("threads")
+                                  .Ctx<ffi::ThreadPool>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxrnnGruBackward, GruBackwardImpl,
+                              ffi::Ffi::Bind()
+                                  .Arg<F32>()  // W [3H, H]
+                                  .Arg<F32>()  // res [T, B, 4H]
+                                  .Arg<F32>()  // hs [T, B, H]
+                                  .Arg<F32>()  // h0 [B, H]
+                                  .Arg<F32>()  // d_hs [T, B, H]
+                                  .Arg<F32>()  // dh_T [B, H]
+                                  .Ret<F32>()  // [d_r | d_z | d_n r | d_n]^T [4H, T, B]
+                                  .Ret<F32>()  // dh_0 [B, H]
+                                  .Attr<int64_t>("threads")
+                                  .Ctx<ffi::ThreadPool>());

@@ -1,0 +1,291 @@
+"""The native LSTM and GRU loops (jaxrnn.kernels): same numbers as the definitions, used where
+they apply.
+
+References: the float64 NumPy loop of tests/reference.py for the forward, `jax.grad` through the
+`lax.scan` path (`backward="autodiff"`) for the gradients, and the library's `lax.scan` forward
+and manual backward for the kernels' raw outputs.
+"""
+import functools
+import os
+import re
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxrnn import kernels, rnn
+from jaxrnn.backward import recurrent_scan_bwd
+from jaxrnn.cells import gru, lstm
+from jaxrnn.scan import recurrent_scan
+
+from conftest import rel_err
+import reference
+
+
+def test_library_builds_here():
+  """The machines this project runs on (CI included) have a C++ compiler: the kernels must build
+  (elsewhere the library falls back to the scan; see the fallback tests below)."""
+  assert kernels.library() is not None, kernels.build_error()
+
+# (B, T, D, H): row counts that leave remainders of the 4- and 8-row tiles, an odd number of
+# 16-unit chunks (H = 48), one chunk (H = 16), a 2-thread split (B * H * H large enough).
+SHAPES = [(3, 7, 5, 16), (1, 9, 1, 48), (13, 6, 3, 64), (32, 5, 7, 128)]
+
+
+CELLS = {"lstm": lstm(), "gru": gru()}
+
+
+def _inputs(cell, b, t, d, h, seed=0):
+  ks = jax.random.split(jax.random.key(seed), 6)
+  params = CELLS[cell].init(ks[0], d, h)
+  xs = jax.random.normal(ks[1], (t, b, d))
+  h0 = 0.5 * jax.random.normal(ks[2], (b, h))
+  c0 = 0.5 * jax.random.normal(ks[3], (b, h))
+  return params, xs, h0, c0
+
+
+def _custom_calls(text):
+  return set(re.findall(r"jaxrnn_(?:lstm|gru)_(?:forward|backward)", text))
+
+
+def _forward(cell, params, xs, h0, c0):
+  if cell == "lstm":
+    return kernels.lstm_forward(xs, params["U"], params["W"], params["b"] + params["bh"], h0, c0)
+  return kernels.gru_forward(xs, params["U"], params["W"], params["b"], params["bh"], h0)
+
+
+def _scan(cell, params, xs, h0, c0):
+  a = jnp.einsum("tbd,gd->tbg", xs, params["U"], precision="highest")
+  carry0 = (h0, c0) if cell == "lstm" else (h0,)
+  return a, carry0, recurrent_scan(CELLS[cell], params, a, carry0)[2]
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+@pytest.mark.parametrize("b,t,d,h", SHAPES)
+def test_forward_matches_numpy_reference(cell, b, t, d, h):
+  params, xs, h0, c0 = _inputs(cell, b, t, d, h)
+  out = jax.jit(functools.partial(_forward, cell))(params, xs, h0, c0)
+  hs = out[0]
+  for i in range(b):
+    want_hs, (_, want_c) = reference.cell_loop(cell, params, xs[:, i], h0[i], c0[i])
+    np.testing.assert_allclose(hs[:, i], want_hs, rtol=0, atol=2e-6)
+    if cell == "lstm":
+      np.testing.assert_allclose(out[1][-1, i], want_c, rtol=0, atol=5e-6)
+  # The saved residuals are what the scan path saves.
+  _, _, saved = _scan(cell, params, xs, h0, c0)
+  if cell == "lstm":
+    np.testing.assert_allclose(out[2], saved.res, rtol=0, atol=2e-6)  # the gates, g as sigmoid(2z)
+    np.testing.assert_allclose(out[1], saved.carries[1], rtol=0, atol=5e-6)
+  else:
+    s, n, rec_n = saved.res                                              # r | z | n | rec_n
+    want = jnp.concatenate([s[..., :2 * h], n, rec_n], axis=-1)
+    np.testing.assert_allclose(out[1], want, rtol=0, atol=5e-6)
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+@pytest.mark.parametrize("b,t,d,h", SHAPES)
+def test_backward_matches_scan_backward(cell, b, t, d, h):
+  params, xs, h0, c0 = _inputs(cell, b, t, d, h)
+  a, carry0, saved = _scan(cell, params, xs, h0, c0)
+  ks = jax.random.split(jax.random.key(1), 3)
+  d_hs = jax.random.normal(ks[0], (t, b, h))
+  d_T = (jax.random.normal(ks[1], (b, h)), jax.random.normal(ks[2], (b, h)))[:len(carry0)]
+  d_rec, want_da, want_dcarry = recurrent_scan_bwd(CELLS[cell], params, a, carry0, None, saved,
+                                                   d_hs, d_T)
+  h_prev = jnp.concatenate([h0[None], saved.carries[0][:-1]]).reshape(t * b, h)
+  if cell == "lstm":
+    d_t, *d_carry = jax.jit(kernels.lstm_backward)(params["W"], saved.res, saved.carries[1], c0,
+                                                   d_hs, *d_T)
+    assert d_t.shape == (4 * h, t, b)
+    d_a, d_rec_rows = d_t, d_t
+  else:
+    _, res = _forward(cell, params, xs, h0, c0)
+    d_t, *d_carry = jax.jit(kernels.gru_backward)(params["W"], res, saved.carries[0], h0, d_hs,
+                                                  *d_T)
+    assert d_t.shape == (4 * h, t, b)                       # d_r | d_z | d_n r | d_n
+    d_a = jnp.concatenate([d_t[:2 * h], d_t[3 * h:]])
+    d_rec_rows = d_t[:3 * h]
+  assert rel_err(jnp.transpose(d_a, (1, 2, 0)), want_da) < 1e-5
+  # The recurrent rows give the scan's dW (for the GRU, through its d_n r block).
+  assert rel_err(d_rec_rows.reshape(-1, t * b) @ h_prev, d_rec["W"]) < 1e-5
+  for got, want in zip(d_carry, want_dcarry):
+    assert rel_err(got, want) < 1e-5
+
+
+def _grads(spec, backward, **kw):
+  def loss(params, xs, carry0, ys):
+    return rnn.loss(spec, params, xs, ys, carry0, backward=backward, **kw)
+  return jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+@pytest.mark.parametrize("b,t,d,h", SHAPES[:3])
+def test_loss_gradients_equal_autodiff_params_inputs_and_state(cell, b, t, d, h):
+  spec = rnn.rnn(cell, d, h, output_size=3)
+  params = rnn.init(jax.random.key(2), spec)
+  ks = jax.random.split(jax.random.key(3), 4)
+  xs = jax.random.normal(ks[0], (b, t, d))
+  ys = jax.random.normal(ks[1], (b, t, 3))
+  carry0 = (jax.random.normal(ks[2], (1, b, h)), jax.random.normal(ks[3], (1, b, h)))
+  carry0 = carry0 if cell == "lstm" else carry0[0]
+  manual = _grads(spec, "manual")
+  assert _custom_calls(manual.lower(params, xs, carry0, ys).as_text()) == {
+      f"jaxrnn_{cell}_forward", f"jaxrnn_{cell}_backward"}
+  got = manual(params, xs, carry0, ys)
+  want = _grads(spec, "autodiff")(params, xs, carry0, ys)
+  for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    assert rel_err(g, w) < 1e-5
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_stack_bidirectional_and_vmap_equal_autodiff(cell):
+  spec = rnn.rnn(cell, 4, 16, num_layers=2, bidirectional=True, output_size=2)
+  params = rnn.init(jax.random.key(4), spec)
+  xs = jax.random.normal(jax.random.key(5), (3, 2, 6, 4))        # a vmapped axis of 3
+  ys = jax.random.normal(jax.random.key(6), (3, 2, 6, 2))
+
+  def grads(backward):
+    g = jax.grad(lambda p, x, y: rnn.loss(spec, p, x, y, backward=backward))
+    return jax.jit(jax.vmap(g, in_axes=(None, 0, 0)))
+
+  assert f"jaxrnn_{cell}_backward" in grads("manual").lower(params, xs, ys).as_text()
+  got, want = grads("manual")(params, xs, ys), grads("autodiff")(params, xs, ys)
+  for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    assert rel_err(g, w) < 1e-5
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_apply_uses_the_native_forward_and_matches_the_reference(cell):
+  spec = rnn.rnn(cell, 3, 32)
+  params = rnn.init(jax.random.key(7), spec)
+  xs = jax.random.normal(jax.random.key(8), (2, 5, 3))
+  fn = jax.jit(lambda p, x: rnn.apply(spec, p, x)[0])
+  assert _custom_calls(fn.lower(params, xs).as_text()) == {f"jaxrnn_{cell}_forward"}
+  hs = fn(params, xs)
+  layer = params["layers"][0]["fwd"]
+  for i in range(2):
+    np.testing.assert_allclose(hs[i], reference.cell_loop(cell, layer, xs[i])[0], atol=2e-6)
+
+
+@pytest.mark.parametrize("case", ["mask", "hidden_not_multiple_of_16", "matmul_dtype",
+                                  "float64", "no_library", "elman", "autodiff"])
+def test_falls_back_to_the_scan_where_the_kernel_does_not_apply(case, monkeypatch):
+  h = 20 if case == "hidden_not_multiple_of_16" else 16
+  spec = rnn.rnn("elman" if case == "elman" else "lstm", 3, h, output_size=2)
+  dtype = jnp.float64 if case == "float64" else jnp.float32
+  kw = {}
+  if case == "mask":
+    kw["lengths"] = jnp.array([4, 2])
+  if case == "matmul_dtype":
+    kw["matmul_dtype"] = jnp.bfloat16
+  if case == "no_library":
+    monkeypatch.setattr(kernels, "library", lambda: None)
+  with jax.enable_x64(case == "float64"):
+    params = rnn.init(jax.random.key(9), spec, dtype=dtype)
+    xs = jax.random.normal(jax.random.key(10), (2, 4, 3), dtype)
+    ys = jax.random.normal(jax.random.key(11), (2, 4, 2), dtype)
+    backward = "autodiff" if case == "autodiff" else "manual"
+    text = _grads(spec, backward, **kw).lower(params, xs, None, ys).as_text()
+  assert not _custom_calls(text)
+  assert "while" in text  # the lax.scan loops
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_lowered_for_gpu_the_same_function_is_the_scan(cell):
+  """`lax.platform_dependent`: a trace exported for CUDA carries no CPU custom call."""
+  spec = rnn.rnn(cell, 3, 16, output_size=2)
+  params = rnn.init(jax.random.key(12), spec)
+  xs, ys = jnp.ones((2, 4, 3)), jnp.ones((2, 4, 2))
+  f = jax.jit(jax.grad(lambda p: rnn.loss(spec, p, xs, ys)))
+  native = [jax.export.DisabledSafetyCheck.custom_call(f"jaxrnn_{cell}_{d}")
+            for d in ("forward", "backward")]
+  with pytest.raises(ValueError, match=f"jaxrnn_{cell}_forward"):
+    jax.export.export(f, platforms=["cpu"])(params)  # no compatibility guarantee: opt in
+  cpu = jax.export.export(f, platforms=["cpu"], disabled_checks=native)(params).mlir_module()
+  cuda = jax.export.export(f, platforms=["cuda"])(params).mlir_module()
+  assert _custom_calls(cpu) == {f"jaxrnn_{cell}_forward", f"jaxrnn_{cell}_backward"}
+  assert not _custom_calls(cuda) and "stablehlo.while" in cuda
+
+
+def test_one_and_two_threads_give_identical_results():
+  """Threads split the hidden units; every number is computed by the same code either way."""
+  code = """
+import jax, numpy as np
+from jaxrnn import kernels
+from jaxrnn.cells import gru, lstm
+p = lstm().init(jax.random.key(0), 8, 64)
+xs = jax.random.normal(jax.random.key(1), (6, 16, 8))
+z = np.zeros((16, 64), np.float32)
+hs, cs, s = kernels.lstm_forward(xs, p["U"], p["W"], p["b"] + p["bh"], z, z)
+d = kernels.lstm_backward(p["W"], s, cs, z, jax.numpy.ones_like(hs), z, z)
+q = gru().init(jax.random.key(2), 8, 64)
+ghs, res = kernels.gru_forward(xs, q["U"], q["W"], q["b"], q["bh"], z)
+e = kernels.gru_backward(q["W"], res, ghs, z, jax.numpy.ones_like(ghs), z)
+print(kernels.threads_for(16, 64))
+outs = (hs, cs, s, *d, ghs, res, *e)
+np.save(__import__("sys").argv[1], np.concatenate([np.ravel(x) for x in outs]))
+"""
+  out = {}
+  for threads in ("1", "2"):
+    path = os.path.join(os.environ.get("TMPDIR", "/tmp"), f"jaxrnn_threads_{os.getpid()}_{threads}.npy")
+    env = dict(os.environ, JAXRNN_THREADS=threads)
+    proc = subprocess.run([sys.executable, "-c", code, path], env=env, capture_output=True,
+                          text=True, check=True)
+    assert proc.stdout.split()[-1] == threads
+    out[threads] = np.load(path)
+    os.unlink(path)
+  np.testing.assert_array_equal(out["1"], out["2"])
+
+
+def test_bad_shapes_are_rejected_by_the_kernel():
+  x = jnp.ones((2, 3, 4))
+  with pytest.raises(Exception, match="lstm kernel: expected H a positive multiple of 16"):
+    kernels.lstm_forward(x, jnp.ones((80, 4)), jnp.ones((80, 20)), jnp.ones(80),
+                         jnp.ones((3, 20)), jnp.ones((3, 20)))
+  with pytest.raises(Exception, match="gru kernel: expected H a positive multiple of 16"):
+    kernels.gru_forward(x, jnp.ones((60, 4)), jnp.ones((60, 20)), jnp.ones(60), jnp.ones(60),
+                        jnp.ones((3, 20)))
+
+
+def test_build_is_cached_and_keyed_by_the_source(tmp_path, monkeypatch):
+  """A fresh cache directory gets one library, built once; a changed source gets another."""
+  code = ("import sys; from jaxrnn import kernels; from pathlib import Path; "
+          "kernels._SOURCE = Path(sys.argv[1]); "
+          "print(kernels.library() is not None, kernels.build_error())")
+  src = tmp_path / "cells_cpu.cc"
+  src.write_text(kernels._SOURCE.read_text())
+  env = dict(os.environ, JAXRNN_CACHE_DIR=str(tmp_path / "cache"))
+  run = lambda: subprocess.run([sys.executable, "-c", code, str(src)], env=env,
+                               capture_output=True, text=True, check=True).stdout.split()[0]
+  assert run() == "True"
+  assert len(list((tmp_path / "cache").glob("*.so"))) == 1
+  assert run() == "True"
+  assert len(list((tmp_path / "cache").glob("*.so"))) == 1
+  src.write_text(kernels._SOURCE.read_text() + "\n// changed\n")
+  assert run() == "True"
+  assert len(list((tmp_path / "cache").glob("*.so"))) == 2
+  assert not list((tmp_path / "cache").glob("*.tmp"))  # no half-built leftovers
+
+
+def test_no_compiler_or_no_cache_means_no_kernel_and_a_reason(tmp_path):
+  code = ("from jaxrnn import kernels; print(kernels.library() is None); "
+          "print(kernels.build_error())")
+  env = dict(os.environ, CXX=str(tmp_path / "no-such-compiler"),
+             JAXRNN_CACHE_DIR=str(tmp_path / "cache"))
+  out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                       check=True).stdout
+  assert out.splitlines()[0] == "True"
+  assert "no C++ compiler" in out
+  (tmp_path / "a_file").write_text("")
+  env = dict(os.environ, JAXRNN_CACHE_DIR=str(tmp_path / "a_file" / "cache"))  # cannot be made
+  out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                       check=True).stdout
+  assert out.splitlines()[0] == "True"
+  assert "Error" in out.splitlines()[1]
+  env = dict(os.environ, JAXRNN_NATIVE="0")
+  out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                       check=True).stdout
+  assert out.splitlines()[0] == "True"
