@@ -161,23 +161,25 @@ std::vector<float> Pack(const float* M, int NB, int64_t H, int64_t K) {
 // and the packed blocks b: one tile of the step's GEMM, 16 units of each gate block, with the
 // packed block b accumulating into accumulator Ts[b] (the GRU keeps `U x` and `W h` of its n block
 // apart, so its two GEMMs map their three blocks to different accumulators).
-template <int R, int... Ts>
+template <int R, int T0, int T1, int T2, int T3 = -1>
 inline void Accumulate(vf (&acc)[R][4], const float* src, int K, const float* w) {
-  constexpr int NB = sizeof...(Ts);
-  constexpr int target[NB] = {Ts...};
+  constexpr int NB = T3 < 0 ? 3 : 4;
   for (int k = 0; k < K; ++k, w += NB * kLanes) {
-    vf wv[NB];
-    for (int b = 0; b < NB; ++b) {
-      wv[b] = load(w + b * kLanes);
-      // Keep the weight vectors in registers: left to itself GCC folds them into the FMAs as
-      // memory operands, one load per row and block, and the tile ran at half the FMA rate.
+    vf w0 = load(w), w1 = load(w + kLanes), w2 = load(w + 2 * kLanes);
+    vf w3 = NB == 4 ? load(w + 3 * kLanes) : vf{};
+    // Keep the weight vectors in registers: left to itself GCC folds them into the FMAs as
+    // memory operands, one load per row and block, and the tile ran at half the FMA rate.
 #if defined(__x86_64__)
-      __asm__("" : "+v"(wv[b]));
+    __asm__("" : "+v"(w0), "+v"(w1), "+v"(w2), "+v"(w3));
 #endif
-    }
+    // Written out (not a loop over a table of targets): with the targets in an array GCC kept
+    // the accumulators in memory, 2.3x slower.
     for (int r = 0; r < R; ++r) {
       vf v = splat(src[(size_t)r * K + k]);
-      for (int b = 0; b < NB; ++b) acc[r][target[b]] += v * wv[b];
+      acc[r][T0] += v * w0;
+      acc[r][T1] += v * w1;
+      acc[r][T2] += v * w2;
+      if constexpr (T3 >= 0) acc[r][T3] += v * w3;
     }
   }
 }
@@ -201,18 +203,34 @@ void ForwardLoop(Pool& pool, int T, int B, int H, int threads, Tile4 tile4, Tile
   });
 }
 
+// W [G, H] repacked chunk-major for the backward's GEMM, Wc[j][g][16] = W[g][16 j + l]: each
+// 16-unit chunk's column strip contiguous (read in place, with a stride of H, the GEMM ran at
+// 221-229 GFLOP/s on the char-LM and large LSTM; packed, 280-315).
+std::vector<float> PackColumns(const float* W, int64_t G, int64_t H) {
+  std::vector<float> packed((size_t)G * H);
+  for (int64_t j = 0; j < H / kLanes; ++j)
+    for (int64_t g = 0; g < G; ++g)
+      for (int l = 0; l < kLanes; ++l) packed[(j * G + g) * kLanes + l] = W[g * H + j * kLanes + l];
+  return packed;
+}
+
 // The backward loops' recurrent GEMM: dh[r0:r0+R, 16 j : 16 (j + NV)] (+)= d_rec[r0:r0+R] W[:,
-// those units], with `d_rec` row-major [B, G] (row stride ld >= G) and W [G, H]. Overwrites
-// (LSTM) or adds to what the gate phase left in dh (GRU's direct dh z term).
+// those units], with `d_rec` row-major [B, G] (row stride ld >= G) and W packed by
+// `PackColumns`. Overwrites (LSTM) or adds to what the gate phase left in dh (GRU's dh z term).
 template <int R, int NV, bool kAdd>
-inline void BwdTile(const float* d_rec, int ld, int G, const float* W, int H, float* dh, int r0,
+inline void BwdTile(const float* d_rec, int ld, int G, const float* Wc, int H, float* dh, int r0,
                     int j) {
-  const float* w = W + j * kLanes;
+  const float* w = Wc + (size_t)j * G * kLanes;
   d_rec += (size_t)r0 * ld;
   vf acc[R][NV] = {};
-  for (int g = 0; g < G; ++g, w += H) {
+  for (int g = 0; g < G; ++g, w += kLanes) {
     vf wv[NV];
-    for (int v = 0; v < NV; ++v) wv[v] = load(w + v * kLanes);
+    for (int v = 0; v < NV; ++v) {
+      wv[v] = load(w + (size_t)v * G * kLanes);
+#if defined(__x86_64__)
+      __asm__("" : "+v"(wv[v]));
+#endif
+    }
     for (int r = 0; r < R; ++r) {
       vf d = splat(d_rec[(size_t)r * ld + g]);
       for (int v = 0; v < NV; ++v) acc[r][v] += d * wv[v];
@@ -226,23 +244,22 @@ inline void BwdTile(const float* d_rec, int ld, int G, const float* W, int H, fl
   }
 }
 
-// One thread's part of the recurrent GEMM, units [16 j0, 16 j1): column pairs outer, rows inner,
-// so that the pair's strip of W (G x 32 floats) stays in L2 while every row tile reads it (rows
-// outer re-streamed all of W per tile: LSTM large's 4 MB W from L3, 127 -> 110 ms for its
-// backward loop).
+// One thread's part of the recurrent GEMM, units [16 j0, 16 j1), in 4-row x 64-unit tiles:
+// column groups outer, rows inner, so that a group's strips of W stay in L2 while every row tile
+// reads them.
 template <bool kAdd>
 void BwdGemm(const float* d_rec, int B, int ld, int G, const float* W, int H, float* dh, int j0,
              int j1) {
-  for (int j = j0; j < j1; j += 2) {
-    const bool pair = j + 2 <= j1;
+  for (int j = j0; j < j1; j += 4) {
+    const int nv = std::min(4, j1 - j);
     int r = 0;
-    for (; r + 8 <= B; r += 8) {
-      if (pair) BwdTile<8, 2, kAdd>(d_rec, ld, G, W, H, dh, r, j);
-      else BwdTile<8, 1, kAdd>(d_rec, ld, G, W, H, dh, r, j);
+    for (; r + 4 <= B; r += 4) {
+      if (nv == 4) BwdTile<4, 4, kAdd>(d_rec, ld, G, W, H, dh, r, j);
+      else for (int q = 0; q < nv; ++q) BwdTile<4, 1, kAdd>(d_rec, ld, G, W, H, dh, r, j + q);
     }
     for (; r < B; ++r) {
-      if (pair) BwdTile<1, 2, kAdd>(d_rec, ld, G, W, H, dh, r, j);
-      else BwdTile<1, 1, kAdd>(d_rec, ld, G, W, H, dh, r, j);
+      if (nv == 4) BwdTile<1, 4, kAdd>(d_rec, ld, G, W, H, dh, r, j);
+      else for (int q = 0; q < nv; ++q) BwdTile<1, 1, kAdd>(d_rec, ld, G, W, H, dh, r, j + q);
     }
   }
 }
@@ -323,7 +340,7 @@ inline void LstmFwdTile(const LstmFwd& x, int t, int r0, int j) {
 
 struct LstmBwd {
   int T, B, H;
-  const float* w;     // W [4H, H]
+  const float* w;     // PackColumns(W [4H, H])
   const float* s;     // [T, B, 4H]
   const float* cs;    // [T, B, H]
   const float* c0;    // [B, H]
@@ -402,7 +419,7 @@ inline void GruFwdTile(const GruFwd& x, int t, int r0, int j) {
 
 struct GruBwd {
   int T, B, H;
-  const float* w;     // W [3H, H]
+  const float* w;     // PackColumns(W [3H, H])
   const float* res;   // [T, B, 4H]
   const float* hs;    // [T, B, H]
   const float* h0;    // [B, H]
@@ -507,8 +524,8 @@ ffi::Error LstmBackwardImpl(F32 w, F32 s, F32 cs, F32 c0, F32 d_hs, F32 dh_T, F3
   std::memcpy(dh0->typed_data(), dh_T.typed_data(), sizeof(float) * B * H);
   std::memcpy(dc0->typed_data(), dc_T.typed_data(), sizeof(float) * B * H);
   AdviseHugePages(d_t->typed_data(), sizeof(float) * T * B * G);
-  std::vector<float> rows(2 * (size_t)B * G);
-  LstmBwd x{(int)T, (int)B, (int)H, w.typed_data(), s.typed_data(), cs.typed_data(),
+  std::vector<float> rows(2 * (size_t)B * G), wc = PackColumns(w.typed_data(), G, H);
+  LstmBwd x{(int)T, (int)B, (int)H, wc.data(), s.typed_data(), cs.typed_data(),
             c0.typed_data(), d_hs.typed_data(), d_t->typed_data(), rows.data(),
             dh0->typed_data(), dc0->typed_data()};
   BackwardLoop<false>(pool, x.T, x.B, x.H, 4 * x.H, x.w, x.rows, x.dh, Threads(threads, pool, H),
@@ -542,8 +559,8 @@ ffi::Error GruBackwardImpl(F32 w, F32 res, F32 hs, F32 h0, F32 d_hs, F32 dh_T, F
   if (auto err = CheckShapes("gru", T, B, 1, H, G, 3); err.failure()) return err;
   std::memcpy(dh0->typed_data(), dh_T.typed_data(), sizeof(float) * B * H);
   AdviseHugePages(d_t->typed_data(), sizeof(float) * T * B * 4 * H);
-  std::vector<float> rows(2 * (size_t)B * 4 * H);
-  GruBwd x{(int)T, (int)B, (int)H, w.typed_data(), res.typed_data(), hs.typed_data(),
+  std::vector<float> rows(2 * (size_t)B * 4 * H), wc = PackColumns(w.typed_data(), G, H);
+  GruBwd x{(int)T, (int)B, (int)H, wc.data(), res.typed_data(), hs.typed_data(),
            h0.typed_data(), d_hs.typed_data(), d_t->typed_data(), rows.data(),
            dh0->typed_data()};
   BackwardLoop<true>(pool, x.T, x.B, x.H, 3 * x.H, x.w, x.rows, x.dh, Threads(threads, pool, H),
