@@ -456,14 +456,18 @@ inline void GruBwdGates(const GruBwd& x, int t, float* rows, int j0, int j1) {
 // ---------------------------------------------------------------------------------------------
 // The FFI handlers
 
-// Ask for transparent huge pages on the 2 MB-aligned part of an output buffer before the loop
-// first writes it. XLA:CPU allocates a step's temporaries as one block, which glibc maps fresh on
-// every step once it passes 32 MB (the char-LM step's is 50 MB), so every 4 KB page of the
-// outputs faults again each step: 8 ms of the forward loop's 16.6 ms on the char-LM step. With
-// THP in "madvise" mode (the common default) this makes that 512x fewer faults; elsewhere a no-op.
+// Ask for transparent huge pages on the 2 MB-aligned part of an output buffer of at most 32 MB,
+// before the loop first writes it. XLA:CPU allocates a step's temporaries as one block, which
+// glibc maps fresh on every step once it passes 32 MB (the LSTM char-LM step's is 50 MB), so
+// every 4 KB page of the outputs faults again each step: 8 ms of that step's 16.6 ms forward
+// loop, 46.5 -> 35.0 ms for the step with the advice (THP in "madvise" mode, the common default;
+// elsewhere a no-op). Not above 32 MB: with THP's synchronous defragmentation a fault may
+// compact memory first, and on the large shapes (105 MB buffers), in a process holding many
+// models, that stalled the loops (GRU large 290-300 -> 430-470 ms per step).
 void AdviseHugePages(void* data, size_t bytes) {
 #if defined(__linux__) && defined(MADV_HUGEPAGE)
   constexpr uintptr_t kHuge = uintptr_t{2} << 20;
+  if (bytes > 16 * kHuge) return;
   uintptr_t begin = (reinterpret_cast<uintptr_t>(data) + kHuge - 1) & ~(kHuge - 1);
   uintptr_t end = (reinterpret_cast<uintptr_t>(data) + bytes) & ~(kHuge - 1);
   if (end > begin) madvise(reinterpret_cast<void*>(begin), end - begin, MADV_HUGEPAGE);
