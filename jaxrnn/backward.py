@@ -95,22 +95,15 @@ def recurrent_scan_bwd(cell: Cell, params: dict, a: jax.Array, carry0: Carry,
   d_carry0, (d_a, d_r) = jax.lax.scan(body, tuple(d_carry_T), inputs, reverse=True,
                                       unroll=unroll)
   d_r = d_a if d_r is None else d_r
-  return _weight_grads(params, d_a, d_r, carries_prev[0], matmul_dtype), d_a, d_carry0
-
-
-def _weight_grads(params: dict, d_a: jax.Array, d_r: jax.Array, h_prev: jax.Array,
-                  matmul_dtype=None) -> dict:
-  """The gradients of `b`, `W`, `bh` from the per-step deltas `d_a, d_r [T, B, G]` and the
-  states they multiply, `h_prev [T, B, H]` (`h_{t-1}` for every t): single contractions over all
-  `B x T` positions, outside the scan."""
+  # Weight gradients: single contractions over all B x T positions, outside the scan.
   d_rec = {}
   if "b" in params:
     d_rec["b"] = jnp.sum(d_a, axis=(0, 1))
-  if params.get("W") is not None:
-    d_rec["W"] = einsum("tbg,tbh->gh", d_r, h_prev, matmul_dtype)
+  if W is not None:
+    d_rec["W"] = einsum("tbg,tbh->gh", d_r, carries_prev[0], matmul_dtype)
     if "bh" in params:
       d_rec["bh"] = jnp.sum(d_r, axis=(0, 1))
-  return d_rec
+  return d_rec, d_a, d_carry0
 
 
 SCAN_PARAMS = ("W", "bh", "b")  # the entries of a cell's params that `recurrent_scan` reads

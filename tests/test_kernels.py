@@ -171,10 +171,13 @@ def test_apply_uses_the_native_forward_and_matches_the_reference(cell):
 
 
 @pytest.mark.parametrize("case", ["mask", "hidden_not_multiple_of_16", "matmul_dtype",
-                                  "float64", "no_library", "elman", "autodiff"])
+                                  "float64", "no_library", "elman", "autodiff", "own_pointwise"])
 def test_falls_back_to_the_scan_where_the_kernel_does_not_apply(case, monkeypatch):
   h = 20 if case == "hidden_not_multiple_of_16" else 16
-  spec = rnn.rnn("elman" if case == "elman" else "lstm", 3, h, output_size=2)
+  cell = "elman" if case == "elman" else "lstm"
+  if case == "own_pointwise":  # same math, but a user's function: the loop must not stand in
+    cell = lstm()._replace(pointwise=lambda a, r, carry: lstm().pointwise(a, r, carry))
+  spec = rnn.rnn(cell, 3, h, output_size=2)
   dtype = jnp.float64 if case == "float64" else jnp.float32
   kw = {}
   if case == "mask":

@@ -60,8 +60,9 @@ class Cell(NamedTuple):
       (hs [T, B, H], carry_T)`, the recurrence in `O(log T)` depth with the same results (and
       masking rules) as `jaxrnn.scan.recurrent_scan`; None if the cell has no parallel form.
     kernel: the name of a native loop in `jaxrnn.kernels` that computes exactly this cell's
-      `recurrent_scan` and manual backward ("lstm" or "gru"); None for every other cell. A
-      cell built with `_replace` on different `pointwise` functions must drop it.
+      `recurrent_scan` and manual backward ("lstm" or "gru"); None for every other cell. Used
+      only while `pointwise` is the library's own (marked `pointwise.native_kernel`): a cell
+      built with `_replace(pointwise=...)` takes the scan.
   """
   name: str
   num_blocks: int

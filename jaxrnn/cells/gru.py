@@ -54,4 +54,5 @@ def gru() -> Cell:
     d_rec = jnp.concatenate([d_pre_r, d_pre_z, d_pre_n * r], axis=-1)
     return d_a, d_rec, (dh * z,)
 
+  pointwise.native_kernel = "gru"  # what jaxrnn/kernels/cells_cpu.cc implements
   return Cell("gru", 3, 1, init, pointwise, pointwise_bwd, kernel="gru")

@@ -64,4 +64,5 @@ def lstm(forget_bias: float = 0.0) -> Cell:
     d_gate = jnp.concatenate([dc * g, dc * c_prev, 4 * dc * i, dh * tanh_c], axis=-1)
     return d_gate * s * (1 - s), None, (jnp.zeros_like(dh), dc * f)
 
+  pointwise.native_kernel = "lstm"  # what jaxrnn/kernels/cells_cpu.cc implements
   return Cell("lstm", 4, 2, init, pointwise, pointwise_bwd, kernel="lstm")

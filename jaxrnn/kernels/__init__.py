@@ -137,14 +137,16 @@ BLOCKS = {"lstm": 4, "gru": 3}
 def applies(cell, params: dict, xs: jax.Array, carry0, mask, matmul_dtype) -> bool:
   """Whether `jaxrnn.backward.input_recurrence` may run this call through the native loops.
 
-  Static (trace-time) conditions: one of the library's LSTM or GRU cells (`cell.kernel`), no
-  mask, no `matmul_dtype`, float32 time-major `xs [T, B, D]` (T, B, D >= 1), `U [G, D]`,
+  Static (trace-time) conditions: one of the library's LSTM or GRU cells (`cell.kernel`, with
+  the `pointwise` function the loop implements, which carries a `native_kernel` mark), no mask, no `matmul_dtype`, float32 time-major `xs [T, B, D]` (T, B, D >= 1), `U [G, D]`,
   `W [G, H]`, `b`, `bh [G]` and carry `[B, H]`, with `H` a multiple of 16, and the library built
   (see `library`). The platform is decided later, at lowering, by `lax.platform_dependent`: on
   anything but CPU the same call is the `lax.scan` path.
   """
   if cell.kernel not in BLOCKS or mask is not None or matmul_dtype is not None:
     return False
+  if getattr(cell.pointwise, "native_kernel", None) != cell.kernel:
+    return False  # e.g. lstm()._replace(pointwise=...): the loop would not compute that cell
   carry_size = 2 if cell.kernel == "lstm" else 1
   if xs.ndim != 3 or min(xs.shape) < 1 or len(carry0) != carry_size:
     return False
