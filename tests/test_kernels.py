@@ -243,6 +243,15 @@ np.save(__import__("sys").argv[1], np.concatenate([np.ravel(x) for x in outs]))
   np.testing.assert_array_equal(out["1"], out["2"])
 
 
+def test_bad_thread_count_names_the_variable(monkeypatch):
+  monkeypatch.setenv("JAXRNN_THREADS", "two")
+  with pytest.raises(ValueError, match="JAXRNN_THREADS must be a positive integer; got 'two'"):
+    kernels.threads_for(32, 128)
+  monkeypatch.setenv("JAXRNN_THREADS", "0")
+  with pytest.raises(ValueError, match="got '0'"):
+    kernels.threads_for(32, 128)
+
+
 def test_bad_shapes_are_rejected_by_the_kernel():
   x = jnp.ones((2, 3, 4))
   with pytest.raises(Exception, match="lstm kernel: expected H a positive multiple of 16"):

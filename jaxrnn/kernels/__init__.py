@@ -124,7 +124,10 @@ def threads_for(batch: int, hidden: int) -> int:
   more than the split saves), else the CPUs this process may use (the kernel also stops at one per
   16 hidden units and one per XLA pool worker). `JAXRNN_THREADS` overrides it (experiments)."""
   if "JAXRNN_THREADS" in os.environ:
-    return int(os.environ["JAXRNN_THREADS"])
+    value = os.environ["JAXRNN_THREADS"]
+    if not value.isdigit() or int(value) < 1:
+      raise ValueError(f"JAXRNN_THREADS must be a positive integer; got {value!r}.")
+    return int(value)
   if batch * hidden * hidden < 8 * 64 * 64:
     return 1
   cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
@@ -138,9 +141,10 @@ def applies(cell, params: dict, xs: jax.Array, carry0, mask, matmul_dtype) -> bo
   """Whether `jaxrnn.backward.input_recurrence` may run this call through the native loops.
 
   Static (trace-time) conditions: one of the library's LSTM or GRU cells (`cell.kernel`, with
-  the `pointwise` function the loop implements, which carries a `native_kernel` mark), no mask, no `matmul_dtype`, float32 time-major `xs [T, B, D]` (T, B, D >= 1), `U [G, D]`,
-  `W [G, H]`, `b`, `bh [G]` and carry `[B, H]`, with `H` a multiple of 16, and the library built
-  (see `library`). The platform is decided later, at lowering, by `lax.platform_dependent`: on
+  the `pointwise` function the loop implements, which carries a `native_kernel` mark), no mask,
+  no `matmul_dtype`, float32 time-major `xs [T, B, D]` (T, B, D >= 1), `U [G, D]`, `W [G, H]`,
+  `b`, `bh [G]` and carry `[B, H]`, with `H` a multiple of 16, and the library built (see
+  `library`). The platform is decided later, at lowering, by `lax.platform_dependent`: on
   anything but CPU the same call is the `lax.scan` path.
   """
   if cell.kernel not in BLOCKS or mask is not None or matmul_dtype is not None:
