@@ -243,6 +243,39 @@ np.save(__import__("sys").argv[1], np.concatenate([np.ravel(x) for x in outs]))
   np.testing.assert_array_equal(out["1"], out["2"])
 
 
+def test_concurrent_calls_finish_and_agree():
+  """Several JAX computations running the loops at once (Python threads): each call's helper
+  threads come from XLA's pool, which the other calls may occupy; a call must not wait for a
+  helper that cannot start (it hung before the join timeout), and the results stay exact."""
+  code = """
+import threading, sys
+import jax, jax.numpy as jnp, numpy as np
+from jaxrnn import rnn
+out = {}
+for cell in ("lstm", "gru"):
+  spec = rnn.rnn(cell, 16, 64, output_size=4)
+  p = rnn.init(jax.random.key(0), spec)
+  x, y = jnp.ones((16, 30, 16)), jnp.ones((16, 30, 4))
+  f = jax.jit(jax.grad(lambda p, x, y: rnn.loss(spec, p, x, y)))
+  want = jax.tree.leaves(f(p, x, y))
+  bad = []
+  def work():
+    for _ in range(5):
+      got = jax.tree.leaves(f(p, x, y))
+      bad.extend(i for i, (g, w) in enumerate(zip(got, want)) if not np.array_equal(g, w))
+  threads = [threading.Thread(target=work) for _ in range(6)]
+  for t in threads: t.start()
+  for t in threads: t.join()
+  out[cell] = len(bad)
+print(out["lstm"], out["gru"])
+"""
+  env = dict(os.environ, JAXRNN_THREADS="2")
+  proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                        timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert proc.stdout.split() == ["0", "0"]
+
+
 def test_bad_thread_count_names_the_variable(monkeypatch):
   monkeypatch.setenv("JAXRNN_THREADS", "two")
   with pytest.raises(ValueError, match="JAXRNN_THREADS must be a positive integer; got 'two'"):

@@ -31,6 +31,8 @@
 
 #include <algorithm>
 #include <atomic>
+#include <chrono>
+#include <memory>
 #include <cstdint>
 #include <cstring>
 #include <string>
@@ -114,29 +116,86 @@ class SpinBarrier {
   std::atomic<int> gen_{0};
 };
 
-// Runs body(p) for p in [0, threads): p = 0 on the caller, the others as tasks on XLA's CPU
-// thread pool (its workers are idle while this call runs; a helper std::thread per call instead
-// measured 1.5-2x slower, an extra runnable thread on the same cores). The bodies meet at
-// barriers, so they must run concurrently: a task the pool runs inline on the caller (what
-// ffi::ThreadPool does when scheduling fails) starts a std::thread for its body instead.
+inline void Pause() {
+#if defined(__x86_64__) || defined(__i386__)
+  __builtin_ia32_pause();
+#endif
+}
+
+// Runs body(p, n, barrier) for p in [0, n) with n <= threads: p = 0 on the caller, the others as
+// tasks on XLA's CPU thread pool (its workers are idle while this call runs; a helper std::thread
+// per call instead measured 1.5-2x slower, an extra runnable thread on the same cores). The bodies
+// meet at a barrier once per step, so every one of them must be running: n counts only the tasks
+// that started within kJoinWait of being scheduled. The pool may be busy, or its workers may be
+// the very threads running other calls of these loops (several JAX computations at once: with a
+// fixed n, two concurrent calls each waited at their barrier for a helper that could never start,
+// and hung); a task that starts later finds the call sealed and returns without touching it. A
+// task the pool runs inline on the caller (ffi::ThreadPool does that when scheduling fails)
+// starts a std::thread for itself instead.
 template <typename Pool, typename F>
 void Parallel(Pool& pool, int threads, F body) {
-  const std::thread::id caller = std::this_thread::get_id();
-  std::atomic<int> done{0};
-  std::vector<std::thread> fallback;
-  for (int p = 1; p < threads; ++p) {
-    pool.Schedule([&, p] {
-      if (std::this_thread::get_id() == caller) {
-        fallback.emplace_back([&, p] { body(p); done.fetch_add(1, std::memory_order_release); });
-        return;
-      }
-      body(p);
-      done.fetch_add(1, std::memory_order_release);
-    });
+  if (threads <= 1) {
+    SpinBarrier single(1);
+    body(0, 1, single);
+    return;
   }
-  body(0);
-  while (done.load(std::memory_order_acquire) != threads - 1) sched_yield();
-  for (auto& t : fallback) t.join();
+  struct Join {
+    std::atomic<int> joined{0};  // helpers admitted; -1 - k once sealed with k admitted
+    std::atomic<int> n{0};       // the participant count, published after sealing
+    std::atomic<int> done{0};    // admitted helpers finished
+    SpinBarrier* barrier = nullptr;
+    F* body = nullptr;
+    // Set by the caller around each Schedule: a task that runs while it is set, on the caller's
+    // thread, is being run inline by Schedule. (The thread id alone is not enough: when this call
+    // itself runs on a pool worker, a task of it may run on that same worker after it returned.)
+    std::atomic<bool> scheduling{false};
+    std::vector<std::thread> fallback;  // touched by the caller's thread only
+  };
+  auto join = std::make_shared<Join>();
+  join->body = &body;
+  auto task = [join] {
+    int v = join->joined.load(std::memory_order_acquire);
+    do {
+      if (v < 0) return;  // sealed without this task: the call may already be over
+    } while (!join->joined.compare_exchange_weak(v, v + 1, std::memory_order_acq_rel));
+    int n;
+    for (int spins = 0; (n = join->n.load(std::memory_order_acquire)) == 0; ++spins) {
+      if (spins > 200) sched_yield();
+      else Pause();
+    }
+    (*join->body)(v + 1, n, *join->barrier);
+    join->done.fetch_add(1, std::memory_order_release);
+  };
+  const std::thread::id caller = std::this_thread::get_id();
+  for (int p = 1; p < threads; ++p) {
+    join->scheduling.store(true);
+    pool.Schedule([join, caller, task] {
+      if (join->scheduling.load() && std::this_thread::get_id() == caller) {
+        join->fallback.emplace_back(task);
+      } else {
+        task();
+      }
+    });
+    join->scheduling.store(false);
+  }
+  constexpr auto kJoinWait = std::chrono::milliseconds(20);
+  const auto deadline = std::chrono::steady_clock::now() + kJoinWait;
+  // Yield while waiting (a pure spin here kept a helper scheduled on this core from starting:
+  // the loops ran 1.2-1.3x slower).
+  for (int spins = 0; join->joined.load(std::memory_order_acquire) < threads - 1 &&
+                      std::chrono::steady_clock::now() < deadline; ++spins) {
+    if (spins > 200) sched_yield();
+    else Pause();
+  }
+  int k = join->joined.load(std::memory_order_acquire);
+  while (!join->joined.compare_exchange_weak(k, -1 - k, std::memory_order_acq_rel)) {
+  }
+  SpinBarrier barrier(1 + k);
+  join->barrier = &barrier;
+  join->n.store(1 + k, std::memory_order_release);
+  body(0, 1 + k, barrier);
+  while (join->done.load(std::memory_order_acquire) != k) sched_yield();
+  for (auto& t : join->fallback) t.join();
 }
 
 // The 16-lane unit chunks [begin, end) that thread p of `threads` owns.
@@ -188,10 +247,9 @@ inline void Accumulate(vf (&acc)[R][4], const float* src, int K, const float* w)
 // thread runs `tile<R>(t, r0, j)` over its 16-unit chunks j and the batch in 4-row tiles.
 template <typename Pool, typename Tile4, typename Tile1>
 void ForwardLoop(Pool& pool, int T, int B, int H, int threads, Tile4 tile4, Tile1 tile1) {
-  SpinBarrier barrier(threads);
-  Parallel(pool, threads, [&](int p) {
+  Parallel(pool, threads, [&](int p, int n, SpinBarrier& barrier) {
     int j0, j1;
-    Share(H / kLanes, threads, p, &j0, &j1);
+    Share(H / kLanes, n, p, &j0, &j1);
     for (int t = 0; t < T; ++t) {
       if (t > 0) barrier.Wait();
       for (int j = j0; j < j1; ++j) {
@@ -283,10 +341,9 @@ inline void StoreTransposed(const float* rows, int ld, int g0, int B, int T, int
 template <bool kAdd, typename Pool, typename Gates>
 void BackwardLoop(Pool& pool, int T, int B, int H, int G, const float* W, float* rows, float* dh,
                   int threads, Gates gates) {
-  SpinBarrier barrier(threads);
-  Parallel(pool, threads, [&](int p) {
+  Parallel(pool, threads, [&](int p, int n, SpinBarrier& barrier) {
     int j0, j1;
-    Share(H / kLanes, threads, p, &j0, &j1);
+    Share(H / kLanes, n, p, &j0, &j1);
     for (int t = T - 1; t >= 0; --t) {
       float* block = rows + (size_t)(t & 1) * B * 4 * H;
       gates(t, block, j0, j1);
