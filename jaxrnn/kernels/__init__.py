@@ -19,13 +19,13 @@ compiled and every path stays the `lax.scan` one.
 from __future__ import annotations
 
 import ctypes
-import functools
 import hashlib
 import os
 import platform
 import shutil
 import subprocess
 import tempfile
+import threading
 from pathlib import Path
 from typing import Optional
 
@@ -58,13 +58,24 @@ def _host_cpu() -> bytes:
     return (platform.processor() or "").encode()
 
 
-@functools.cache
+_lock = threading.Lock()
+_loaded: list = []  # [the library or None] once tried
+
+
 def library() -> Optional[ctypes.CDLL]:
   """The compiled kernels (built on the first call, then cached on disk), or None.
 
   None where `JAXRNN_NATIVE=0`, there is no C++ compiler, or the build failed (the reason is in
-  `build_error()`).
+  `build_error()`). Thread-safe: the first calls from several threads build and register once.
   """
+  if not _loaded:
+    with _lock:
+      if not _loaded:
+        _loaded.append(_load())
+  return _loaded[0]
+
+
+def _load() -> Optional[ctypes.CDLL]:
   if os.environ.get("JAXRNN_NATIVE", "1") == "0":
     return None
   if not hasattr(jax, "ffi") or not hasattr(jax.ffi, "include_dir"):
