@@ -193,8 +193,8 @@ def _scan_path(cell, unroll, params, xs, carry0):
 # `[k H, T B] @ [T B, .]`; jaxrnn/kernels/cells_cpu.cc), where XLA would transpose a row-major one.
 
 def _h_prev(h0, hs):
-  """`h_{t-1}` for every t, flattened over `(t, b)`: `[T B, H]`."""
-  return jnp.concatenate([h0[None], hs[:-1]], axis=0).reshape(-1, hs.shape[-1])
+  """`h_{t-1}` for every t (`_shift_prev`), flattened over `(t, b)`: `[T B, H]`."""
+  return _shift_prev((h0,), (hs,))[0].reshape(-1, hs.shape[-1])
 
 
 @jax.custom_vjp

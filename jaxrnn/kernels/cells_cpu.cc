@@ -83,11 +83,26 @@ inline vf vexp(vf x) {
 inline vf sigmoid(vf z) { return 1.0f / (1.0f + vexp(-z)); }
 inline vf tanh_(vf x) { return 2.0f * sigmoid(2.0f * x) - 1.0f; }
 
-// A barrier the threads of one call meet at once per step: a short spin (a step is tens of
-// microseconds), then sched_yield, so that a thread XLA left runnable on the same core (its pool
-// workers spin for a while after their own work) does not stall the barrier for a whole time slice:
-// spinning longer measured 6-14x slower inside a JAX process than 200 spins (tests aside,
-// experiments/PERF_NOTES.md).
+inline void Pause() {
+#if defined(__x86_64__) || defined(__i386__)
+  __builtin_ia32_pause();
+#endif
+}
+
+// Waits until `ready()`: a short spin (a step is tens of microseconds), then sched_yield, so
+// that a thread XLA left runnable on the same core (its pool workers spin for a while after their
+// own work), or the very helper being waited for, is not kept off that core for a whole time
+// slice: spinning longer measured 6-14x slower inside a JAX process than 200 spins, and a pure
+// spin while waiting for helpers to join 1.2-1.3x (experiments/PERF_NOTES.md).
+template <typename Ready>
+inline void SpinThenYield(Ready ready) {
+  for (int spins = 0; !ready(); ++spins) {
+    if (spins > 200) sched_yield();
+    else Pause();
+  }
+}
+
+// A barrier the threads of one call meet at once per step.
 class SpinBarrier {
  public:
   explicit SpinBarrier(int n) : n_(n) {}
@@ -98,15 +113,7 @@ class SpinBarrier {
       count_.store(0, std::memory_order_relaxed);
       gen_.store(gen + 1, std::memory_order_release);
     } else {
-      for (int spins = 0; gen_.load(std::memory_order_acquire) == gen; ++spins) {
-        if (spins > 200) {
-          sched_yield();
-          continue;
-        }
-#if defined(__x86_64__) || defined(__i386__)
-        __builtin_ia32_pause();
-#endif
-      }
+      SpinThenYield([&] { return gen_.load(std::memory_order_acquire) != gen; });
     }
   }
 
@@ -115,12 +122,6 @@ class SpinBarrier {
   std::atomic<int> count_{0};
   std::atomic<int> gen_{0};
 };
-
-inline void Pause() {
-#if defined(__x86_64__) || defined(__i386__)
-  __builtin_ia32_pause();
-#endif
-}
 
 // Runs body(p, n, barrier) for p in [0, n) with n <= threads: p = 0 on the caller, the others as
 // tasks on XLA's CPU thread pool (its workers are idle while this call runs; a helper std::thread
@@ -158,11 +159,8 @@ void Parallel(Pool& pool, int threads, F body) {
     do {
       if (v < 0) return;  // sealed without this task: the call may already be over
     } while (!join->joined.compare_exchange_weak(v, v + 1, std::memory_order_acq_rel));
-    int n;
-    for (int spins = 0; (n = join->n.load(std::memory_order_acquire)) == 0; ++spins) {
-      if (spins > 200) sched_yield();
-      else Pause();
-    }
+    int n = 0;
+    SpinThenYield([&] { return (n = join->n.load(std::memory_order_acquire)) != 0; });
     (*join->body)(v + 1, n, *join->barrier);
     join->done.fetch_add(1, std::memory_order_release);
   };
@@ -180,13 +178,10 @@ void Parallel(Pool& pool, int threads, F body) {
   }
   constexpr auto kJoinWait = std::chrono::milliseconds(20);
   const auto deadline = std::chrono::steady_clock::now() + kJoinWait;
-  // Yield while waiting (a pure spin here kept a helper scheduled on this core from starting:
-  // the loops ran 1.2-1.3x slower).
-  for (int spins = 0; join->joined.load(std::memory_order_acquire) < threads - 1 &&
-                      std::chrono::steady_clock::now() < deadline; ++spins) {
-    if (spins > 200) sched_yield();
-    else Pause();
-  }
+  SpinThenYield([&] {
+    return join->joined.load(std::memory_order_acquire) == threads - 1 ||
+           std::chrono::steady_clock::now() >= deadline;
+  });
   int k = join->joined.load(std::memory_order_acquire);
   while (!join->joined.compare_exchange_weak(k, -1 - k, std::memory_order_acq_rel)) {
   }
@@ -194,7 +189,7 @@ void Parallel(Pool& pool, int threads, F body) {
   join->barrier = &barrier;
   join->n.store(1 + k, std::memory_order_release);
   body(0, 1 + k, barrier);
-  while (join->done.load(std::memory_order_acquire) != k) sched_yield();
+  while (join->done.load(std::memory_order_acquire) != k) sched_yield();  // helpers finishing
   for (auto& t : join->fallback) t.join();
 }
 
