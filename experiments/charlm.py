@@ -456,7 +456,9 @@ def train_parser() -> argparse.ArgumentParser:
   p.add_argument("--minutes", type=float, default=10.0, help="training-time budget (10)")
   p.add_argument("--matmul-dtype", default="float32",
                  help="float32 | bfloat16: the training step's matmul operands (jaxrnn.rnn's "
-                      "matmul_dtype; float32 accumulation and state). Evaluation stays float32")
+                      "matmul_dtype; float32 accumulation and state). Evaluation stays float32. "
+                      "On a CPU the float32 LSTM/GRU run the native loops, faster than bfloat16 "
+                      "through the scan (52,176 vs 42,694 chars/s on the default model)")
   p.add_argument("--host-malloc", default="default",
                  help="default | hugepages: back XLA's per-step CPU buffers with transparent huge "
                       "pages (jaxrnn.host_memory; the script relaunches itself with "
