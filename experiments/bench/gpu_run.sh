@@ -4,7 +4,10 @@
 #   2. manual BPTT == autodiff on the GPU: the gradient tests (every cell, layers, directions,
 #      lengths; float64 and float32) at full float32 matmul precision, since TF32 (XLA's default
 #      on the GPU) rounds each product to 10 mantissa bits and differs between any two orderings;
-#   3. the benchmark with --device cuda: every JAX implementation on the GPU against PyTorch's
+#   3. the native CPU loops (jaxrnn/kernels) on that machine's many-core host: tests/test_kernels.py
+#      with JAX_PLATFORMS=cpu, run beside step 2 (a loop there splits over up to 16 threads, where
+#      the project's own machine has 2), built with the host's C++ compiler against its jaxlib;
+#   4. the benchmark with --device cuda: every JAX implementation on the GPU against PyTorch's
 #      cuDNN nn.RNN / nn.LSTM / nn.GRU, each framework at its default precision.
 #
 # Usage, from the repository root on the GPU machine (results land in $OUT, default runs/gpu):
@@ -25,6 +28,7 @@ export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 
 {
   nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv
+  command -v c++ g++ cc; nproc
   $PY - <<'EOF'
 import jax, torch
 print("jax", jax.__version__, jax.devices())
@@ -32,6 +36,12 @@ print("torch", torch.__version__, "cuda", torch.version.cuda, "cudnn",
       torch.backends.cudnn.version(), torch.cuda.get_device_name(0))
 EOF
 } 2>&1 | tee "$OUT/env.txt"
+
+echo "== native CPU loop tests on the host (JAX_PLATFORMS=cpu), in the background"
+(JAX_PLATFORMS=cpu timeout "${TEST_TIMEOUT:-100}" $PY -m pytest -q -p no:cacheprovider \
+  tests/test_kernels.py > "$OUT/tests_kernels_cpu.txt" 2>&1
+ echo "pytest exit status $? (124: stopped at TEST_TIMEOUT)" >> "$OUT/tests_kernels_cpu.txt") &
+KERNEL_TESTS=$!
 
 echo "== gradient tests on the GPU (JAX_DEFAULT_MATMUL_PRECISION=highest)"
 # Four pytest workers (that machine has 16 cores; on-demand GPU memory lets them share the card).
@@ -42,6 +52,9 @@ echo "pytest exit status $? (124: stopped at TEST_TIMEOUT)" >> "$OUT/tests.txt"
 echo "passed: $(grep -c ' PASSED' "$OUT/tests.txt"), failed: $(grep -c ' FAILED' "$OUT/tests.txt")"
 grep -E " FAILED|^E " "$OUT/tests.txt" | head -n 20
 tail -n 3 "$OUT/tests.txt"
+
+wait $KERNEL_TESTS
+echo "== native CPU loop tests:"; tail -n 4 "$OUT/tests_kernels_cpu.txt"
 
 echo "== benchmark, --device cuda"
 # shellcheck disable=SC2086
