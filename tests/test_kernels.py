@@ -74,15 +74,17 @@ def test_forward_matches_numpy_reference(cell, b, t, d, h):
     np.testing.assert_allclose(hs[:, i], want_hs, rtol=0, atol=2e-6)
     if cell == "lstm":
       np.testing.assert_allclose(out[1][-1, i], want_c, rtol=0, atol=5e-6)
-  # The saved residuals are what the scan path saves.
+  # The saved residuals are what the scan path saves, gate-major ([G, T, B]).
   _, _, saved = _scan(cell, params, xs, h0, c0)
+  assert out[-1].shape == (4 * h, t, b)
+  residuals = jnp.transpose(out[-1], (1, 2, 0))
   if cell == "lstm":
-    np.testing.assert_allclose(out[2], saved.res, rtol=0, atol=2e-6)  # the gates, g as sigmoid(2z)
+    np.testing.assert_allclose(residuals, saved.res, rtol=0, atol=2e-6)  # g as sigmoid(2z)
     np.testing.assert_allclose(out[1], saved.carries[1], rtol=0, atol=5e-6)
   else:
     s, n, rec_n = saved.res                                              # r | z | n | rec_n
     want = jnp.concatenate([s[..., :2 * h], n, rec_n], axis=-1)
-    np.testing.assert_allclose(out[1], want, rtol=0, atol=5e-6)
+    np.testing.assert_allclose(residuals, want, rtol=0, atol=5e-6)
 
 
 @pytest.mark.parametrize("cell", ["lstm", "gru"])
@@ -97,8 +99,9 @@ def test_backward_matches_scan_backward(cell, b, t, d, h):
                                                    d_hs, d_T)
   h_prev = jnp.concatenate([h0[None], saved.carries[0][:-1]]).reshape(t * b, h)
   if cell == "lstm":
-    d_t, *d_carry = jax.jit(kernels.lstm_backward)(params["W"], saved.res, saved.carries[1], c0,
-                                                   d_hs, *d_T)
+    s = jnp.transpose(saved.res, (2, 0, 1))                 # gate-major, as the forward keeps it
+    d_t, *d_carry = jax.jit(kernels.lstm_backward)(params["W"], s, saved.carries[1], c0, d_hs,
+                                                   *d_T)
     assert d_t.shape == (4 * h, t, b)
     d_a, d_rec_rows = d_t, d_t
   else:
@@ -194,6 +197,23 @@ def test_falls_back_to_the_scan_where_the_kernel_does_not_apply(case, monkeypatc
     text = _grads(spec, backward, **kw).lower(params, xs, None, ys).as_text()
   assert not _custom_calls(text)
   assert "while" in text  # the lax.scan loops
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_the_backward_writes_its_gradients_over_the_forward_residuals(cell):
+  """The gradient's temporaries hold one gate-major `[4H, T, B]` array, not two: the backward's
+  output takes the buffer of the forward's residual gates (`input_output_aliases`)."""
+  t, b, d, h = 64, 32, 8, 128
+  spec = rnn.rnn(cell, d, h, output_size=4)
+  params = rnn.init(jax.random.key(0), spec)
+  xs, ys = jnp.ones((b, t, d)), jnp.ones((b, t, 4))
+  compiled = jax.jit(jax.grad(lambda p: rnn.loss(spec, p, xs, ys))).lower(params).compile()
+  assert _custom_calls(compiled.as_text()) == {f"jaxrnn_{cell}_forward", f"jaxrnn_{cell}_backward"}
+  gates = 4 * h * t * b * 4                    # bytes of one [4H, T, B] float32 array
+  states = h * t * b * 4                       # bytes of one [T, B, H] array
+  # The residual gates (then the gradients) plus hs, cs or the saved input, d_hs, h_{t-1} and
+  # room for the small ones: with a second [4H, T, B] array this would be 3 MB over.
+  assert compiled.memory_analysis().temp_size_in_bytes < gates + 5 * states
 
 
 @pytest.mark.parametrize("cell", ["lstm", "gru"])

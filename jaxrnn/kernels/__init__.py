@@ -189,7 +189,8 @@ def lstm_forward(xs: jax.Array, U: jax.Array, W: jax.Array, bias: jax.Array, h0:
                  c0: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
   """The LSTM forward loop with its input projection: `xs [T, B, D]`, `U [4H, D]`, `W [4H, H]`,
   `bias [4H]` (`b + bh`), `h0, c0 [B, H]` -> `(hs, cs) [T, B, H]` and the activated gates
-  `s [T, B, 4H]` (the g block as `sigmoid(2 z_g)`, as `jaxrnn.cells.lstm` saves them). CPU only.
+  gate-major, `s [4H, T, B]` (the g block as `sigmoid(2 z_g)`, as `jaxrnn.cells.lstm` saves them;
+  transposed, the layout of `lstm_backward`'s output, which overwrites them). CPU only.
 
   `U x_t` is accumulated with `W h_{t-1}` in the step's GEMM, so no `[T, B, 4H]` projection is
   written to memory and read back (on the char-LM step that array, freshly mapped by the
@@ -198,7 +199,7 @@ def lstm_forward(xs: jax.Array, U: jax.Array, W: jax.Array, bias: jax.Array, h0:
   T, B, _ = xs.shape
   G, H = W.shape
   out = (jax.ShapeDtypeStruct((T, B, H), jnp.float32),) * 2 + (
-      jax.ShapeDtypeStruct((T, B, G), jnp.float32),)
+      jax.ShapeDtypeStruct((G, T, B), jnp.float32),)
   return jax.ffi.ffi_call("jaxrnn_lstm_forward", out, vmap_method="sequential")(
       xs, U, W, bias, h0, c0, threads=np.int64(threads_for(B, H)))
 
@@ -208,26 +209,31 @@ def lstm_backward(W: jax.Array, s: jax.Array, cs: jax.Array, c0: jax.Array, d_hs
   """The LSTM manual-backward loop: from `lstm_forward`'s `s`, `cs` and `c0`, the output
   cotangent `d_hs [T, B, H]` and the final carry's `(dh_T, dc_T) [B, H]` -> `d_a^T [4H, T, B]`
   (`dL/dz_t`, which is `dL/da_t` and `dL/d(b + bh)` per step, transposed: the layout in which the
-  weight gradients' GEMMs read it without a copy) and `(dh_0, dc_0) [B, H]`."""
+  weight gradients' GEMMs read it without a copy) and `(dh_0, dc_0) [B, H]`.
+
+  `d_a^T` takes `s`'s buffer (`input_output_aliases`; XLA copies `s` first only where it is
+  still needed afterwards), so a training step holds one `[4H, T, B]` array, not two."""
   _require_library()
-  T, B, G = s.shape
+  G, T, B = s.shape
   H = G // 4
   out = (jax.ShapeDtypeStruct((G, T, B), jnp.float32),
          jax.ShapeDtypeStruct((B, H), jnp.float32), jax.ShapeDtypeStruct((B, H), jnp.float32))
-  return jax.ffi.ffi_call("jaxrnn_lstm_backward", out, vmap_method="sequential")(
+  return jax.ffi.ffi_call("jaxrnn_lstm_backward", out, vmap_method="sequential",
+                          input_output_aliases={1: 0})(
       W, s, cs, c0, d_hs, dh_T, dc_T, threads=np.int64(threads_for(B, H)))
 
 
 def gru_forward(xs: jax.Array, U: jax.Array, W: jax.Array, b: jax.Array, bh: jax.Array,
                 h0: jax.Array) -> tuple[jax.Array, jax.Array]:
   """The GRU forward loop with its input projection: `xs [T, B, D]`, `U [3H, D]`, `W [3H, H]`,
-  `b, bh [3H]`, `h0 [B, H]` -> `hs [T, B, H]` and the residuals `[r | z | n | rec_n] [T, B, 4H]`
-  (`rec_n = W_n h_{t-1} + bh_n`). CPU only."""
+  `b, bh [3H]`, `h0 [B, H]` -> `hs [T, B, H]` and the residuals `[r | z | n | rec_n]` gate-major,
+  `[4H, T, B]` (`rec_n = W_n h_{t-1} + bh_n`; the layout of `gru_backward`'s output, which
+  overwrites them). CPU only."""
   _require_library()
   T, B, _ = xs.shape
   G, H = W.shape
   out = (jax.ShapeDtypeStruct((T, B, H), jnp.float32),
-         jax.ShapeDtypeStruct((T, B, 4 * H), jnp.float32))
+         jax.ShapeDtypeStruct((4 * H, T, B), jnp.float32))
   return jax.ffi.ffi_call("jaxrnn_gru_forward", out, vmap_method="sequential")(
       xs, U, W, b, bh, h0, threads=np.int64(threads_for(B, H)))
 
@@ -237,9 +243,11 @@ def gru_backward(W: jax.Array, res: jax.Array, hs: jax.Array, h0: jax.Array, d_h
   """The GRU manual-backward loop: from `gru_forward`'s `res` and `hs`, `h0`, the output
   cotangent `d_hs [T, B, H]` and the final state's `dh_T [B, H]` -> `[d_r | d_z | d_n r | d_n]`
   transposed, `[4H, T, B]` (the pre-activation gradients: `d_rec = [d_r | d_z | d_n r]` for `W`,
-  `bh` and the recurrence, `d_a = [d_r | d_z | d_n]` for `U`, `b`) and `dh_0 [B, H]`."""
+  `bh` and the recurrence, `d_a = [d_r | d_z | d_n]` for `U`, `b`) and `dh_0 [B, H]`. The
+  gradients take `res`'s buffer (`input_output_aliases`, as in `lstm_backward`)."""
   _require_library()
   T, B, H = hs.shape
   out = (jax.ShapeDtypeStruct((4 * H, T, B), jnp.float32), jax.ShapeDtypeStruct((B, H), jnp.float32))
-  return jax.ffi.ffi_call("jaxrnn_gru_backward", out, vmap_method="sequential")(
+  return jax.ffi.ffi_call("jaxrnn_gru_backward", out, vmap_method="sequential",
+                          input_output_aliases={1: 0})(
       W, res, hs, h0, d_hs, dh_T, threads=np.int64(threads_for(B, H)))

@@ -10,14 +10,14 @@
 // the hidden units split between threads that meet at one barrier per step.
 //
 // LSTM forward, per step (z = U x_t + b + W h_{t-1} + bh, the g block scaled by 2):
-//   s_t = sigmoid(scale * z)  [B, 4H]; i, f, o = blocks of s; g = 2 s_g - 1 (= tanh(z_g))
+//   s_t = sigmoid(scale * z)  [B, 4H] (kept gate-major, [4H, T, B]); i, f, o = blocks of s; g = 2 s_g - 1 (= tanh(z_g))
 //   c_t = f c_{t-1} + i g;  h_t = o tanh(c_t)
 // LSTM backward, per step t = T-1 .. 0, with dh = d_hs[t] + (d_a_{t+1} W), dc carried:
 //   dc += dh o (1 - tanh(c_t)^2)
 //   d_a_t = [dc g, dc c_{t-1}, 4 dc i, dh tanh(c_t)] * s (1 - s);  dc <- dc f
 // GRU forward, per step (a = U x_t + b, rec = W h_{t-1} + bh, blocks r | z | n):
 //   r, z = sigmoid(a_rz + rec_rz);  n = tanh(a_n + r rec_n);  h_t = (1 - z) n + z h_{t-1}
-//   residual [r | z | n | rec_n]  [B, 4H]
+//   residual [r | z | n | rec_n]  [B, 4H] (kept gate-major, [4H, T, B])
 // GRU backward, per step, with dh = d_hs[t] + dh z_{t+1} + (d_rec_{t+1} W):
 //   d_n = dh (1 - z)(1 - n^2);  d_r = d_n rec_n r (1 - r);  d_z = dh (h_{t-1} - n) z (1 - z)
 //   d_a = [d_r | d_z | d_n] (for U, b);  d_rec = [d_r | d_z | d_n r] (for W, bh, and dh_{t-1})
@@ -238,24 +238,6 @@ inline void Accumulate(vf (&acc)[R][4], const float* src, int K, const float* w)
   }
 }
 
-// The forward loop shared by the cells: for every step, after a barrier (h_{t-1} complete), each
-// thread runs `tile<R>(t, r0, j)` over its 16-unit chunks j and the batch in 4-row tiles.
-template <typename Pool, typename Tile4, typename Tile1>
-void ForwardLoop(Pool& pool, int T, int B, int H, int threads, Tile4 tile4, Tile1 tile1) {
-  Parallel(pool, threads, [&](int p, int n, SpinBarrier& barrier) {
-    int j0, j1;
-    Share(H / kLanes, n, p, &j0, &j1);
-    for (int t = 0; t < T; ++t) {
-      if (t > 0) barrier.Wait();
-      for (int j = j0; j < j1; ++j) {
-        int r = 0;
-        for (; r + 4 <= B; r += 4) tile4(t, r, j);
-        for (; r < B; ++r) tile1(t, r, j);
-      }
-    }
-  });
-}
-
 // W [G, H] repacked chunk-major for the backward's GEMM, Wc[j][g][16] = W[g][16 j + l]: each
 // 16-unit chunk's column strip contiguous (read in place, with a stride of H, the GEMM ran at
 // 221-229 GFLOP/s on the char-LM and large LSTM; packed, 280-315).
@@ -317,19 +299,122 @@ void BwdGemm(const float* d_rec, int B, int ld, int G, const float* W, int H, fl
   }
 }
 
+// Transposes the 16 x 16 block m[row][lane] in registers: four stages, stage s swapping bit s of
+// the row index with bit s of the lane index (two-source shuffles: vpermt2ps with AVX-512).
+template <int S>
+inline vf NextHalf(vf a, vf b);
+template <>
+inline vf NextHalf<0>(vf a, vf b) {
+  return __builtin_shufflevector(a, b, 1, 17, 3, 19, 5, 21, 7, 23, 9, 25, 11, 27, 13, 29, 15, 31);
+}
+template <>
+inline vf NextHalf<1>(vf a, vf b) {
+  return __builtin_shufflevector(a, b, 2, 3, 18, 19, 6, 7, 22, 23, 10, 11, 26, 27, 14, 15, 30, 31);
+}
+template <>
+inline vf NextHalf<2>(vf a, vf b) {
+  return __builtin_shufflevector(a, b, 4, 5, 6, 7, 20, 21, 22, 23, 12, 13, 14, 15, 28, 29, 30, 31);
+}
+template <>
+inline vf NextHalf<3>(vf a, vf b) {
+  return __builtin_shufflevector(a, b, 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31);
+}
+inline void Transpose16(vf (&m)[16]) {
+  for (int i = 0; i < 16; i += 2) {
+    vf a = m[i], b = m[i + 1];
+    vf lo = __builtin_shufflevector(a, b, 0, 16, 2, 18, 4, 20, 6, 22, 8, 24, 10, 26, 12, 28, 14, 30);
+    m[i + 1] = NextHalf<0>(a, b), m[i] = lo;
+  }
+  for (int i = 0; i < 16; i += 4)
+    for (int k = i; k < i + 2; ++k) {
+      vf a = m[k], b = m[k + 2];
+      vf lo = __builtin_shufflevector(a, b, 0, 1, 16, 17, 4, 5, 20, 21, 8, 9, 24, 25, 12, 13, 28, 29);
+      m[k + 2] = NextHalf<1>(a, b), m[k] = lo;
+    }
+  for (int i = 0; i < 16; i += 8)
+    for (int k = i; k < i + 4; ++k) {
+      vf a = m[k], b = m[k + 4];
+      vf lo = __builtin_shufflevector(a, b, 0, 1, 2, 3, 16, 17, 18, 19, 8, 9, 10, 11, 24, 25, 26, 27);
+      m[k + 4] = NextHalf<2>(a, b), m[k] = lo;
+    }
+  for (int k = 0; k < 8; ++k) {
+    vf a = m[k], b = m[k + 8];
+    vf lo = __builtin_shufflevector(a, b, 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23);
+    m[k + 8] = NextHalf<3>(a, b), m[k] = lo;
+  }
+}
+
 // Columns [g0, g0 + 16) of the row-major step block `rows` [B, ld] into the transposed output
 // `d_t` [., T, B] at step t. XLA transposed the row-major per-step gradients twice after the loop
 // (for dW and for dU: 5.8 ms of a 48 ms LSTM char-LM step); this is one pass over L1 here.
 inline void StoreTransposed(const float* rows, int ld, int g0, int B, int T, int t, int out_g0,
                             float* d_t) {
+  const size_t stride = (size_t)T * B;
+  float* dst = d_t + ((size_t)out_g0 * T + t) * B;
+  int b0 = 0;
+  for (; b0 + kLanes <= B; b0 += kLanes) {  // 16 x 16 blocks in registers
+    vf m[kLanes];
+    for (int i = 0; i < kLanes; ++i) m[i] = load(rows + (size_t)(b0 + i) * ld + g0);
+    Transpose16(m);
+    for (int l = 0; l < kLanes; ++l) store(dst + l * stride + b0, m[l]);
+  }
+  if (b0 == B) return;
   for (int l = 0; l < kLanes; ++l) {
     float* dst = d_t + ((size_t)(out_g0 + l) * T + t) * B;
-    for (int b = 0; b < B; ++b) dst[b] = rows[(size_t)b * ld + g0 + l];
+    for (int b = b0; b < B; ++b) dst[b] = rows[(size_t)b * ld + g0 + l];
   }
 }
 
+// The forward's residual gates are kept gate-major, [G, T, B] (element (g, t, b) at (g T + t) B
+// + b), the layout of the backward's transposed output, which XLA places in the same buffer
+// (`input_output_aliases`): the backward reads step t's gates of its units, then writes their
+// gradients over them. One [G, T, B] array per step instead of two kept the LSTM char-LM step's
+// temporaries under the 32 MB above which glibc maps them fresh (and faults them in) every step.
+//
+// Units [g0, g0 + 16) of step t, all B rows, from a gate-major array into `tile` [B, 16].
+inline void LoadGateMajor(const float* in, int T, int B, int t, int g0, float* tile) {
+  const float* src = in + ((size_t)g0 * T + t) * B;
+  const size_t stride = (size_t)T * B;
+  int b0 = 0;
+  for (; b0 + kLanes <= B; b0 += kLanes) {  // 16 x 16 blocks in registers
+    vf m[kLanes];
+    for (int l = 0; l < kLanes; ++l) m[l] = load(src + l * stride + b0);
+    Transpose16(m);
+    for (int i = 0; i < kLanes; ++i) store(tile + (size_t)(b0 + i) * kLanes, m[i]);
+  }
+  for (int l = 0; l < kLanes; ++l, src += stride)
+    for (int b = b0; b < B; ++b) tile[(size_t)b * kLanes + l] = src[b];
+}
+
+// The forward loop shared by the cells: for every step, after a barrier (h_{t-1} complete), each
+// thread runs `tile<R>(t, r0, j, stage)` over its 16-unit chunks j and the batch in 4-row tiles;
+// the tiles leave the chunk's four residual blocks in `stage` [4][B, 16] (the thread's own), which
+// then go to the gate-major residual array `res` [4H, T, B] in whole rows of B (written 4 rows at
+// a time, 16 units 16 KB apart, the char-LM forward loop ran 1.7x slower).
+template <typename Pool, typename Tile4, typename Tile1>
+void ForwardLoop(Pool& pool, int T, int B, int H, int threads, float* res, Tile4 tile4,
+                 Tile1 tile1) {
+  Parallel(pool, threads, [&](int p, int n, SpinBarrier& barrier) {
+    int j0, j1;
+    Share(H / kLanes, n, p, &j0, &j1);
+    std::vector<float> stage(4 * (size_t)B * kLanes);
+    for (int t = 0; t < T; ++t) {
+      if (t > 0) barrier.Wait();
+      for (int j = j0; j < j1; ++j) {
+        int r = 0;
+        for (; r + 4 <= B; r += 4) tile4(t, r, j, stage.data());
+        for (; r < B; ++r) tile1(t, r, j, stage.data());
+        for (int blk = 0; blk < 4; ++blk)
+          StoreTransposed(stage.data() + (size_t)blk * B * kLanes, kLanes, 0, B, T, t,
+                          blk * H + j * kLanes, res);
+      }
+    }
+  });
+}
+
 // The backward loop shared by the cells: for every step, from the last, each thread computes its
-// units' gate gradients into the step's `[B, 4H]` block of `rows` (`gates(t, rows, j0, j1)`),
+// units' gate gradients into the step's `[B, 4H]` block of `rows` (`gates(t, rows, tile, j0, j1)`,
+// with a [4, B, 16] scratch `tile` of the thread's own for the gates it reads),
 // then, after a barrier (the block complete), its units of `dh_{t-1}` += the block's first G
 // columns times W. Two blocks in turn: a thread may start step t-1's gates while the other still
 // reads step t's.
@@ -339,9 +424,10 @@ void BackwardLoop(Pool& pool, int T, int B, int H, int G, const float* W, float*
   Parallel(pool, threads, [&](int p, int n, SpinBarrier& barrier) {
     int j0, j1;
     Share(H / kLanes, n, p, &j0, &j1);
+    std::vector<float> tile(4 * (size_t)B * kLanes);
     for (int t = T - 1; t >= 0; --t) {
       float* block = rows + (size_t)(t & 1) * B * 4 * H;
-      gates(t, block, j0, j1);
+      gates(t, block, tile.data(), j0, j1);
       barrier.Wait();
       BwdGemm<kAdd>(block, B, 4 * H, G, W, H, dh, j0, j1);
     }
@@ -361,29 +447,27 @@ struct LstmFwd {
   const float* c0;    // [B, H]
   float* hs;          // [T, B, H]
   float* cs;          // [T, B, H]
-  float* s;           // [T, B, 4H]
+  float* s;           // [4H, T, B], gate-major
 };
 
 // Rows [r0, r0 + R) of step t, units [16 j, 16 j + 16): the GEMM tile, then gates and states.
 template <int R>
-inline void LstmFwdTile(const LstmFwd& x, int t, int r0, int j) {
-  const int H = x.H, G = 4 * H, u = j * kLanes;
+inline void LstmFwdTile(const LstmFwd& x, int t, int r0, int j, float* stage) {
+  const int H = x.H, u = j * kLanes;
   const float* hprev = t == 0 ? x.h0 : x.hs + (size_t)(t - 1) * x.B * H;
   const float* cprev = t == 0 ? x.c0 : x.cs + (size_t)(t - 1) * x.B * H;
   vf acc[R][4] = {};
   Accumulate<R, 0, 1, 2, 3>(acc, hprev + (size_t)r0 * H, H, x.wp + (size_t)j * H * 4 * kLanes);
   Accumulate<R, 0, 1, 2, 3>(acc, x.xs + ((size_t)t * x.B + r0) * x.D, x.D,
                             x.up + (size_t)j * x.D * 4 * kLanes);
+  const size_t next = (size_t)x.B * kLanes;  // stage [4][B, 16]: this chunk's gates, step t
   for (int r = 0; r < R; ++r) {
     const size_t row = (size_t)t * x.B + r0 + r;
-    float* s = x.s + row * G;
     vf z[4];
     for (int blk = 0; blk < 4; ++blk) z[blk] = acc[r][blk] + load(x.bias + blk * H + u);
     vf si = sigmoid(z[0]), sf = sigmoid(z[1]), sg = sigmoid(2.0f * z[2]), so = sigmoid(z[3]);
-    store(s + u, si);
-    store(s + H + u, sf);
-    store(s + 2 * H + u, sg);
-    store(s + 3 * H + u, so);
+    float* st = stage + (size_t)(r0 + r) * kLanes;
+    store(st, si), store(st + next, sf), store(st + 2 * next, sg), store(st + 3 * next, so);
     vf c = sf * load(cprev + (size_t)(r0 + r) * H + u) + si * (2.0f * sg - 1.0f);
     store(x.cs + row * H + u, c);
     store(x.hs + row * H + u, so * tanh_(c));
@@ -393,7 +477,7 @@ inline void LstmFwdTile(const LstmFwd& x, int t, int r0, int j) {
 struct LstmBwd {
   int T, B, H;
   const float* w;     // PackColumns(W [4H, H])
-  const float* s;     // [T, B, 4H]
+  const float* s;     // [4H, T, B], gate-major: the same buffer as d_t (d_t overwrites it)
   const float* cs;    // [T, B, H]
   const float* c0;    // [B, H]
   const float* d_hs;  // [T, B, H]
@@ -403,19 +487,23 @@ struct LstmBwd {
   float* dc;          // [B, H]: d_cT in, carried, finally dL/dc_0
 };
 
-// Step t's gate gradients, rows [0, B), units [16 j0, 16 j1): into `rows`, then into `d_t`.
-inline void LstmBwdGates(const LstmBwd& x, int t, float* rows, int j0, int j1) {
+// Step t's gate gradients, rows [0, B), units [16 j0, 16 j1): into `rows`, then into `d_t`
+// (over the gates just read).
+inline void LstmBwdGates(const LstmBwd& x, int t, float* rows, float* tile, int j0, int j1) {
   const int H = x.H, G = 4 * H, B = x.B;
   for (int u = j0 * kLanes; u < j1 * kLanes; u += kLanes) {
+    for (int blk = 0; blk < 4; ++blk)
+      LoadGateMajor(x.s, x.T, B, t, blk * H + u, tile + (size_t)blk * B * kLanes);
     for (int b = 0; b < B; ++b) {
       const size_t row = (size_t)t * B + b;
-      const float* s = x.s + row * G;
+      const float* s = tile + (size_t)b * kLanes;
+      const size_t next = (size_t)B * kLanes;
       float* d_a = rows + (size_t)b * G;
       const size_t i = (size_t)b * H + u;
       vf dh = load(x.d_hs + row * H + u) + load(x.dh + i);
       vf c = load(x.cs + row * H + u);
       vf c_prev = t == 0 ? load(x.c0 + i) : load(x.cs + (row - B) * H + u);
-      vf si = load(s + u), sf = load(s + H + u), sg = load(s + 2 * H + u), so = load(s + 3 * H + u);
+      vf si = load(s), sf = load(s + next), sg = load(s + 2 * next), so = load(s + 3 * next);
       vf th = tanh_(c);
       vf dc = load(x.dc + i) + dh * so * (1.0f - th * th);
       store(d_a + u, dc * (2.0f * sg - 1.0f) * si * (1.0f - si));
@@ -441,30 +529,28 @@ struct GruFwd {
   const float* up;    // Pack(U, 3, H, D)
   const float* h0;    // [B, H]
   float* hs;          // [T, B, H]
-  float* res;         // [T, B, 4H]: r | z | n | rec_n
+  float* res;         // [4H, T, B], gate-major: r | z | n | rec_n
 };
 
 // Accumulators: 0 = r (U x + W h), 1 = z (U x + W h), 2 = U_n x, 3 = W_n h.
 template <int R>
-inline void GruFwdTile(const GruFwd& x, int t, int r0, int j) {
+inline void GruFwdTile(const GruFwd& x, int t, int r0, int j, float* stage) {
   const int H = x.H, u = j * kLanes;
   const float* hprev = t == 0 ? x.h0 : x.hs + (size_t)(t - 1) * x.B * H;
   vf acc[R][4] = {};
   Accumulate<R, 0, 1, 3>(acc, hprev + (size_t)r0 * H, H, x.wp + (size_t)j * H * 3 * kLanes);
   Accumulate<R, 0, 1, 2>(acc, x.xs + ((size_t)t * x.B + r0) * x.D, x.D,
                          x.up + (size_t)j * x.D * 3 * kLanes);
+  const size_t next = (size_t)x.B * kLanes;  // stage [4][B, 16]: this chunk's residuals, step t
   for (int r = 0; r < R; ++r) {
     const size_t row = (size_t)t * x.B + r0 + r;
-    float* res = x.res + row * 4 * H;
     vf rg = sigmoid(acc[r][0] + load(x.b + u) + load(x.bh + u));
     vf zg = sigmoid(acc[r][1] + load(x.b + H + u) + load(x.bh + H + u));
     vf rec_n = acc[r][3] + load(x.bh + 2 * H + u);
     vf n = tanh_(acc[r][2] + load(x.b + 2 * H + u) + rg * rec_n);
     vf h = (1.0f - zg) * n + zg * load(hprev + (size_t)(r0 + r) * H + u);
-    store(res + u, rg);
-    store(res + H + u, zg);
-    store(res + 2 * H + u, n);
-    store(res + 3 * H + u, rec_n);
+    float* st = stage + (size_t)(r0 + r) * kLanes;
+    store(st, rg), store(st + next, zg), store(st + 2 * next, n), store(st + 3 * next, rec_n);
     store(x.hs + row * H + u, h);
   }
 }
@@ -472,7 +558,7 @@ inline void GruFwdTile(const GruFwd& x, int t, int r0, int j) {
 struct GruBwd {
   int T, B, H;
   const float* w;     // PackColumns(W [3H, H])
-  const float* res;   // [T, B, 4H]
+  const float* res;   // [4H, T, B], gate-major: the same buffer as d_t (d_t overwrites it)
   const float* hs;    // [T, B, H]
   const float* h0;    // [B, H]
   const float* d_hs;  // [T, B, H]
@@ -481,18 +567,21 @@ struct GruBwd {
   float* dh;          // [B, H]: d_hT in, then dh z + (d_rec W), finally dL/dh_0
 };
 
-inline void GruBwdGates(const GruBwd& x, int t, float* rows, int j0, int j1) {
+inline void GruBwdGates(const GruBwd& x, int t, float* rows, float* tile, int j0, int j1) {
   const int H = x.H, B = x.B, ld = 4 * H;
+  const size_t next = (size_t)B * kLanes;
   for (int u = j0 * kLanes; u < j1 * kLanes; u += kLanes) {
+    for (int blk = 0; blk < 4; ++blk)
+      LoadGateMajor(x.res, x.T, B, t, blk * H + u, tile + blk * next);
     for (int b = 0; b < B; ++b) {
       const size_t row = (size_t)t * B + b;
-      const float* res = x.res + row * 4 * H;
+      const float* res = tile + (size_t)b * kLanes;
       float* d_rec = rows + (size_t)b * ld;
       const size_t i = (size_t)b * H + u;
       vf dh = load(x.d_hs + row * H + u) + load(x.dh + i);
       vf h_prev = t == 0 ? load(x.h0 + i) : load(x.hs + (row - B) * H + u);
-      vf rg = load(res + u), zg = load(res + H + u), n = load(res + 2 * H + u);
-      vf rec_n = load(res + 3 * H + u);
+      vf rg = load(res), zg = load(res + next), n = load(res + 2 * next);
+      vf rec_n = load(res + 3 * next);
       vf d_n = dh * (1.0f - zg) * (1.0f - n * n);
       store(d_rec + u, d_n * rec_n * rg * (1.0f - rg));
       store(d_rec + H + u, dh * (h_prev - n) * zg * (1.0f - zg));
@@ -560,22 +649,22 @@ ffi::Error LstmForwardImpl(F32 xs, F32 u, F32 w, F32 bias, F32 h0, F32 c0, F32Ou
   std::vector<float> wp = Pack(w.typed_data(), 4, H, H), up = Pack(u.typed_data(), 4, H, D);
   AdviseHugePages(hs->typed_data(), sizeof(float) * T * B * H);
   AdviseHugePages(cs->typed_data(), sizeof(float) * T * B * H);
-  AdviseHugePages(s->typed_data(), sizeof(float) * T * B * G);
+  AdviseHugePages(s->typed_data(), sizeof(float) * T * B * G);  // [4H, T, B]
   LstmFwd x{(int)T, (int)B, (int)D, (int)H, xs.typed_data(), bias.typed_data(), wp.data(),
             up.data(), h0.typed_data(), c0.typed_data(), hs->typed_data(), cs->typed_data(),
             s->typed_data()};
-  ForwardLoop(pool, x.T, x.B, x.H, Threads(threads, pool, H),
-              [&](int t, int r, int j) { LstmFwdTile<4>(x, t, r, j); },
-              [&](int t, int r, int j) { LstmFwdTile<1>(x, t, r, j); });
+  ForwardLoop(pool, x.T, x.B, x.H, Threads(threads, pool, H), x.s,
+              [&](int t, int r, int j, float* st) { LstmFwdTile<4>(x, t, r, j, st); },
+              [&](int t, int r, int j, float* st) { LstmFwdTile<1>(x, t, r, j, st); });
   return ffi::Error::Success();
 }
 
 ffi::Error LstmBackwardImpl(F32 w, F32 s, F32 cs, F32 c0, F32 d_hs, F32 dh_T, F32 dc_T,
                             F32Out d_t, F32Out dh0, F32Out dc0, int64_t threads,
                             ffi::ThreadPool pool) {
-  auto dims = s.dimensions();
+  auto dims = s.dimensions();  // [4H, T, B]
   if (dims.size() != 3) return ffi::Error::InvalidArgument("jaxrnn lstm kernel: s must be 3-D");
-  const int64_t T = dims[0], B = dims[1], G = dims[2], H = w.dimensions()[1];
+  const int64_t G = dims[0], T = dims[1], B = dims[2], H = w.dimensions()[1];
   if (auto err = CheckShapes("lstm", T, B, 1, H, G, 4); err.failure()) return err;
   std::memcpy(dh0->typed_data(), dh_T.typed_data(), sizeof(float) * B * H);
   std::memcpy(dc0->typed_data(), dc_T.typed_data(), sizeof(float) * B * H);
@@ -585,7 +674,9 @@ ffi::Error LstmBackwardImpl(F32 w, F32 s, F32 cs, F32 c0, F32 d_hs, F32 dh_T, F3
             c0.typed_data(), d_hs.typed_data(), d_t->typed_data(), rows.data(),
             dh0->typed_data(), dc0->typed_data()};
   BackwardLoop<false>(pool, x.T, x.B, x.H, 4 * x.H, x.w, x.rows, x.dh, Threads(threads, pool, H),
-                      [&](int t, float* rows, int j0, int j1) { LstmBwdGates(x, t, rows, j0, j1); });
+                      [&](int t, float* rows, float* tile, int j0, int j1) {
+                        LstmBwdGates(x, t, rows, tile, j0, j1);
+                      });
   return ffi::Error::Success();
 }
 
@@ -601,9 +692,9 @@ ffi::Error GruForwardImpl(F32 xs, F32 u, F32 w, F32 b, F32 bh, F32 h0, F32Out hs
   AdviseHugePages(res->typed_data(), sizeof(float) * T * B * 4 * H);
   GruFwd x{(int)T, (int)B, (int)D, (int)H, xs.typed_data(), b.typed_data(), bh.typed_data(),
            wp.data(), up.data(), h0.typed_data(), hs->typed_data(), res->typed_data()};
-  ForwardLoop(pool, x.T, x.B, x.H, Threads(threads, pool, H),
-              [&](int t, int r, int j) { GruFwdTile<4>(x, t, r, j); },
-              [&](int t, int r, int j) { GruFwdTile<1>(x, t, r, j); });
+  ForwardLoop(pool, x.T, x.B, x.H, Threads(threads, pool, H), x.res,
+              [&](int t, int r, int j, float* st) { GruFwdTile<4>(x, t, r, j, st); },
+              [&](int t, int r, int j, float* st) { GruFwdTile<1>(x, t, r, j, st); });
   return ffi::Error::Success();
 }
 
@@ -620,7 +711,9 @@ ffi::Error GruBackwardImpl(F32 w, F32 res, F32 hs, F32 h0, F32 d_hs, F32 dh_T, F
            h0.typed_data(), d_hs.typed_data(), d_t->typed_data(), rows.data(),
            dh0->typed_data()};
   BackwardLoop<true>(pool, x.T, x.B, x.H, 3 * x.H, x.w, x.rows, x.dh, Threads(threads, pool, H),
-                     [&](int t, float* rows, int j0, int j1) { GruBwdGates(x, t, rows, j0, j1); });
+                     [&](int t, float* rows, float* tile, int j0, int j1) {
+                       GruBwdGates(x, t, rows, tile, j0, j1);
+                     });
   return ffi::Error::Success();
 }
 
@@ -636,20 +729,20 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxrnnLstmForward, LstmForwardImpl,
                                   .Arg<F32>()  // c0 [B, H]
                                   .Ret<F32>()  // hs [T, B, H]
                                   .Ret<F32>()  // cs [T, B, H]
-                                  .Ret<F32>()  // s [T, B, 4H]
+                                  .Ret<F32>()  // s [4H, T, B]
                                   .Attr<int64_t>("threads")
                                   .Ctx<ffi::ThreadPool>());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxrnnLstmBackward, LstmBackwardImpl,
                               ffi::Ffi::Bind()
                                   .Arg<F32>()  // W [4H, H]
-                                  .Arg<F32>()  // s [T, B, 4H]
+                                  .Arg<F32>()  // s [4H, T, B] (aliased with d_a^T)
                                   .Arg<F32>()  // cs [T, B, H]
                                   .Arg<F32>()  // c0 [B, H]
                                   .Arg<F32>()  // d_hs [T, B, H]
                                   .Arg<F32>()  // dh_T [B, H]
                                   .Arg<F32>()  // dc_T [B, H]
-                                  .Ret<F32>()  // d_a^T [4H, T, B]
+                                  .Ret<F32>()  // d_a^T [4H, T, B] (in s's buffer)
                                   .Ret<F32>()  // dh_0 [B, H]
                                   .Ret<F32>()  // dc_0 [B, H]
                                   .Attr<int64_t>("threads")
@@ -664,19 +757,19 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxrnnGruForward, GruForwardImpl,
                                   .Arg<F32>()  // bh [3H]
                                   .Arg<F32>()  // h0 [B, H]
                                   .Ret<F32>()  // hs [T, B, H]
-                                  .Ret<F32>()  // res [T, B, 4H]: r | z | n | rec_n
+                                  .Ret<F32>()  // res [4H, T, B]: r | z | n | rec_n
                                   .Attr<int64_t>("threads")
                                   .Ctx<ffi::ThreadPool>());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxrnnGruBackward, GruBackwardImpl,
                               ffi::Ffi::Bind()
                                   .Arg<F32>()  // W [3H, H]
-                                  .Arg<F32>()  // res [T, B, 4H]
+                                  .Arg<F32>()  // res [4H, T, B] (aliased with the gradients)
                                   .Arg<F32>()  // hs [T, B, H]
                                   .Arg<F32>()  // h0 [B, H]
                                   .Arg<F32>()  // d_hs [T, B, H]
                                   .Arg<F32>()  // dh_T [B, H]
-                                  .Ret<F32>()  // [d_r | d_z | d_n r | d_n]^T [4H, T, B]
+                                  .Ret<F32>()  // [d_r | d_z | d_n r | d_n]^T [4H, T, B] (in res's)
                                   .Ret<F32>()  // dh_0 [B, H]
                                   .Attr<int64_t>("threads")
                                   .Ctx<ffi::ThreadPool>());
