@@ -230,26 +230,28 @@ def _native_gru(params, xs, carry0):
 
 def _native_gru_fwd(params, xs, carry0):
   (h0,) = carry0
-  hs, res = kernels.gru_forward(xs, params["U"], params["W"], params["b"], params["bh"], h0)
-  return (hs, (hs[-1],)), (params, xs, h0, hs, res)
+  hs, res, rec_n = kernels.gru_forward(xs, params["U"], params["W"], params["b"], params["bh"],
+                                       h0)
+  return (hs, (hs[-1],)), (params, xs, h0, hs, res, rec_n)
 
 
 def _native_gru_bwd(residuals, cotangents):
-  params, xs, h0, hs, res = residuals
+  params, xs, h0, hs, res, rec_n = residuals
   d_hs, (dh_T,) = cotangents
   hidden = hs.shape[-1]
-  d_t, dh0 = kernels.gru_backward(params["W"], res, hs, h0, d_hs, dh_T)
-  d_all = d_t.reshape(4 * hidden, -1)                 # [d_r | d_z | d_n r | d_n] [4H, T B]
-  d_rec = d_all[:3 * hidden]                          # for W, bh
-  # U and b take [d_r | d_z | d_n]: the GEMM over all four blocks, then the n-r rows dropped
-  # (cheaper than gathering three blocks of d_all into a new array first).
-  keep = lambda m: jnp.concatenate([m[:2 * hidden], m[3 * hidden:]], axis=0)
-  sums = jnp.sum(d_all, axis=1)
-  d_params = {"U": keep(d_all @ xs.reshape(-1, xs.shape[-1])), "W": d_rec @ _h_prev(h0, hs),
-              "b": keep(sums), "bh": sums[:3 * hidden]}
+  d_rec, d_n, dh0 = kernels.gru_backward(params["W"], res, rec_n, hs, h0, d_hs, dh_T)
+  d_rec = d_rec.reshape(3 * hidden, -1)               # [d_r | d_z | d_n r] [3H, T B]
+  d_n = d_n.reshape(hidden, -1)                       # [H, T B]
+  x = xs.reshape(-1, xs.shape[-1])
+  # U and b take [d_r | d_z | d_n]: the GEMM over d_rec's three blocks, then its n r rows dropped
+  # (cheaper than a copy of d_rec's first two blocks), and d_n's own.
+  sums = jnp.sum(d_rec, axis=1)
+  d_params = {"U": jnp.concatenate([(d_rec @ x)[:2 * hidden], d_n @ x]),
+              "W": d_rec @ _h_prev(h0, hs),
+              "b": jnp.concatenate([sums[:2 * hidden], jnp.sum(d_n, axis=1)]), "bh": sums}
   U = params["U"]
-  U_all = jnp.concatenate([U[:2 * hidden], jnp.zeros_like(U[:hidden]), U[2 * hidden:]], axis=0)
-  d_xs = (d_all.T @ U_all).reshape(xs.shape)
+  U_rz = jnp.concatenate([U[:2 * hidden], jnp.zeros_like(U[:hidden])])
+  d_xs = (d_rec.T @ U_rz + d_n.T @ U[2 * hidden:]).reshape(xs.shape)
   return d_params, d_xs, (dh0,)
 
 

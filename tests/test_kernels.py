@@ -76,8 +76,9 @@ def test_forward_matches_numpy_reference(cell, b, t, d, h):
       np.testing.assert_allclose(out[1][-1, i], want_c, rtol=0, atol=5e-6)
   # The saved residuals are what the scan path saves, gate-major ([G, T, B]).
   _, _, saved = _scan(cell, params, xs, h0, c0)
-  assert out[-1].shape == (4 * h, t, b)
-  residuals = jnp.transpose(out[-1], (1, 2, 0))
+  gate_major = out[2] if cell == "lstm" else jnp.concatenate([out[1], out[2]])  # r|z|n, rec_n
+  assert gate_major.shape == (4 * h, t, b)
+  residuals = jnp.transpose(gate_major, (1, 2, 0))
   if cell == "lstm":
     np.testing.assert_allclose(residuals, saved.res, rtol=0, atol=2e-6)  # g as sigmoid(2z)
     np.testing.assert_allclose(out[1], saved.carries[1], rtol=0, atol=5e-6)
@@ -105,10 +106,11 @@ def test_backward_matches_scan_backward(cell, b, t, d, h):
     assert d_t.shape == (4 * h, t, b)
     d_a, d_rec_rows = d_t, d_t
   else:
-    _, res = _forward(cell, params, xs, h0, c0)
-    d_t, *d_carry = jax.jit(kernels.gru_backward)(params["W"], res, saved.carries[0], h0, d_hs,
-                                                  *d_T)
-    assert d_t.shape == (4 * h, t, b)                       # d_r | d_z | d_n r | d_n
+    _, res, rec_n = _forward(cell, params, xs, h0, c0)
+    d_r_z_nr, d_n, *d_carry = jax.jit(kernels.gru_backward)(params["W"], res, rec_n,
+                                                            saved.carries[0], h0, d_hs, *d_T)
+    assert d_r_z_nr.shape == (3 * h, t, b) and d_n.shape == (h, t, b)
+    d_t = jnp.concatenate([d_r_z_nr, d_n])                  # d_r | d_z | d_n r | d_n
     d_a = jnp.concatenate([d_t[:2 * h], d_t[3 * h:]])
     d_rec_rows = d_t[:3 * h]
   assert rel_err(jnp.transpose(d_a, (1, 2, 0)), want_da) < 1e-5
@@ -245,10 +247,10 @@ z = np.zeros((16, 64), np.float32)
 hs, cs, s = kernels.lstm_forward(xs, p["U"], p["W"], p["b"] + p["bh"], z, z)
 d = kernels.lstm_backward(p["W"], s, cs, z, jax.numpy.ones_like(hs), z, z)
 q = gru().init(jax.random.key(2), 8, 64)
-ghs, res = kernels.gru_forward(xs, q["U"], q["W"], q["b"], q["bh"], z)
-e = kernels.gru_backward(q["W"], res, ghs, z, jax.numpy.ones_like(ghs), z)
+ghs, res, rec_n = kernels.gru_forward(xs, q["U"], q["W"], q["b"], q["bh"], z)
+e = kernels.gru_backward(q["W"], res, rec_n, ghs, z, jax.numpy.ones_like(ghs), z)
 print(kernels.threads_for(16, 64))
-outs = (hs, cs, s, *d, ghs, res, *e)
+outs = (hs, cs, s, *d, ghs, res, rec_n, *e)
 np.save(__import__("sys").argv[1], np.concatenate([np.ravel(x) for x in outs]))
 """
   out = {}

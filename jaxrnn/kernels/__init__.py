@@ -224,30 +224,34 @@ def lstm_backward(W: jax.Array, s: jax.Array, cs: jax.Array, c0: jax.Array, d_hs
 
 
 def gru_forward(xs: jax.Array, U: jax.Array, W: jax.Array, b: jax.Array, bh: jax.Array,
-                h0: jax.Array) -> tuple[jax.Array, jax.Array]:
+                h0: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
   """The GRU forward loop with its input projection: `xs [T, B, D]`, `U [3H, D]`, `W [3H, H]`,
-  `b, bh [3H]`, `h0 [B, H]` -> `hs [T, B, H]` and the residuals `[r | z | n | rec_n]` gate-major,
-  `[4H, T, B]` (`rec_n = W_n h_{t-1} + bh_n`; the layout of `gru_backward`'s output, which
-  overwrites them). CPU only."""
+  `b, bh [3H]`, `h0 [B, H]` -> `hs [T, B, H]` and the residuals gate-major, `[r | z | n]
+  [3H, T, B]` and `rec_n = W_n h_{t-1} + bh_n [H, T, B]` (the layout of `gru_backward`'s outputs,
+  which overwrite them). CPU only."""
   _require_library()
   T, B, _ = xs.shape
   G, H = W.shape
   out = (jax.ShapeDtypeStruct((T, B, H), jnp.float32),
-         jax.ShapeDtypeStruct((4 * H, T, B), jnp.float32))
+         jax.ShapeDtypeStruct((3 * H, T, B), jnp.float32),
+         jax.ShapeDtypeStruct((H, T, B), jnp.float32))
   return jax.ffi.ffi_call("jaxrnn_gru_forward", out, vmap_method="sequential")(
       xs, U, W, b, bh, h0, threads=np.int64(threads_for(B, H)))
 
 
-def gru_backward(W: jax.Array, res: jax.Array, hs: jax.Array, h0: jax.Array, d_hs: jax.Array,
-                 dh_T: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """The GRU manual-backward loop: from `gru_forward`'s `res` and `hs`, `h0`, the output
-  cotangent `d_hs [T, B, H]` and the final state's `dh_T [B, H]` -> `[d_r | d_z | d_n r | d_n]`
-  transposed, `[4H, T, B]` (the pre-activation gradients: `d_rec = [d_r | d_z | d_n r]` for `W`,
-  `bh` and the recurrence, `d_a = [d_r | d_z | d_n]` for `U`, `b`) and `dh_0 [B, H]`. The
-  gradients take `res`'s buffer (`input_output_aliases`, as in `lstm_backward`)."""
+def gru_backward(W: jax.Array, res: jax.Array, rec_n: jax.Array, hs: jax.Array, h0: jax.Array,
+                 d_hs: jax.Array, dh_T: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """The GRU manual-backward loop: from `gru_forward`'s `res`, `rec_n` and `hs`, `h0`, the output
+  cotangent `d_hs [T, B, H]` and the final state's `dh_T [B, H]` -> the pre-activation gradients
+  transposed, `d_rec = [d_r | d_z | d_n r] [3H, T, B]` (for `W`, `bh` and the recurrence; its
+  first two blocks also for `U`, `b`) and `d_n [H, T, B]` (for `U`'s and `b`'s n block), and
+  `dh_0 [B, H]`. `d_rec` takes `res`'s buffer and `d_n` `rec_n`'s (`input_output_aliases`, as in
+  `lstm_backward`); kept as two arrays so that the GEMM for `W` reads `d_rec` as it is, where a
+  slice of one `[4H, T, B]` array was a copy (79 MB per GRU-large step)."""
   _require_library()
   T, B, H = hs.shape
-  out = (jax.ShapeDtypeStruct((4 * H, T, B), jnp.float32), jax.ShapeDtypeStruct((B, H), jnp.float32))
+  out = (jax.ShapeDtypeStruct((3 * H, T, B), jnp.float32),
+         jax.ShapeDtypeStruct((H, T, B), jnp.float32), jax.ShapeDtypeStruct((B, H), jnp.float32))
   return jax.ffi.ffi_call("jaxrnn_gru_backward", out, vmap_method="sequential",
-                          input_output_aliases={1: 0})(
-      W, res, hs, h0, d_hs, dh_T, threads=np.int64(threads_for(B, H)))
+                          input_output_aliases={1: 0, 2: 1})(
+      W, res, rec_n, hs, h0, d_hs, dh_T, threads=np.int64(threads_for(B, H)))

@@ -10,7 +10,8 @@
 // the hidden units split between threads that meet at one barrier per step.
 //
 // LSTM forward, per step (z = U x_t + b + W h_{t-1} + bh, the g block scaled by 2):
-//   s_t = sigmoid(scale * z)  [B, 4H] (kept gate-major, [4H, T, B]); i, f, o = blocks of s; g = 2 s_g - 1 (= tanh(z_g))
+//   s_t = sigmoid(scale * z)  [B, 4H] (kept gate-major, [4H, T, B]); i, f, o = blocks of s;
+//   g = 2 s_g - 1 (= tanh(z_g))
 //   c_t = f c_{t-1} + i g;  h_t = o tanh(c_t)
 // LSTM backward, per step t = T-1 .. 0, with dh = d_hs[t] + (d_a_{t+1} W), dc carried:
 //   dc += dh o (1 - tanh(c_t)^2)
@@ -299,49 +300,43 @@ void BwdGemm(const float* d_rec, int B, int ld, int G, const float* W, int H, fl
   }
 }
 
-// Transposes the 16 x 16 block m[row][lane] in registers: four stages, stage s swapping bit s of
-// the row index with bit s of the lane index (two-source shuffles: vpermt2ps with AVX-512).
-template <int S>
-inline vf NextHalf(vf a, vf b);
-template <>
-inline vf NextHalf<0>(vf a, vf b) {
-  return __builtin_shufflevector(a, b, 1, 17, 3, 19, 5, 21, 7, 23, 9, 25, 11, 27, 13, 29, 15, 31);
+// One stage of a 16 x 16 transpose in registers: rows i and i + D (bit D of i clear) exchange
+// their lanes whose index has bit D set, i.e. bit D of the row index swaps with bit D of the lane
+// index (two-source shuffles, vpermt2ps with AVX-512).
+template <int D>
+inline void TransposeStage(vf (&m)[16]) {
+  for (int i = 0; i < 16; ++i) {
+    if (i & D) continue;
+    const vf a = m[i], b = m[i + D];
+    if constexpr (D == 1) {
+      m[i] = __builtin_shufflevector(a, b, 0, 16, 2, 18, 4, 20, 6, 22,
+                                           8, 24, 10, 26, 12, 28, 14, 30);
+      m[i + D] = __builtin_shufflevector(a, b, 1, 17, 3, 19, 5, 21, 7, 23,
+                                               9, 25, 11, 27, 13, 29, 15, 31);
+    } else if constexpr (D == 2) {
+      m[i] = __builtin_shufflevector(a, b, 0, 1, 16, 17, 4, 5, 20, 21,
+                                           8, 9, 24, 25, 12, 13, 28, 29);
+      m[i + D] = __builtin_shufflevector(a, b, 2, 3, 18, 19, 6, 7, 22, 23,
+                                               10, 11, 26, 27, 14, 15, 30, 31);
+    } else if constexpr (D == 4) {
+      m[i] = __builtin_shufflevector(a, b, 0, 1, 2, 3, 16, 17, 18, 19,
+                                           8, 9, 10, 11, 24, 25, 26, 27);
+      m[i + D] = __builtin_shufflevector(a, b, 4, 5, 6, 7, 20, 21, 22, 23,
+                                               12, 13, 14, 15, 28, 29, 30, 31);
+    } else {
+      m[i] = __builtin_shufflevector(a, b, 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23);
+      m[i + D] = __builtin_shufflevector(a, b, 8, 9, 10, 11, 12, 13, 14, 15,
+                                               24, 25, 26, 27, 28, 29, 30, 31);
+    }
+  }
 }
-template <>
-inline vf NextHalf<1>(vf a, vf b) {
-  return __builtin_shufflevector(a, b, 2, 3, 18, 19, 6, 7, 22, 23, 10, 11, 26, 27, 14, 15, 30, 31);
-}
-template <>
-inline vf NextHalf<2>(vf a, vf b) {
-  return __builtin_shufflevector(a, b, 4, 5, 6, 7, 20, 21, 22, 23, 12, 13, 14, 15, 28, 29, 30, 31);
-}
-template <>
-inline vf NextHalf<3>(vf a, vf b) {
-  return __builtin_shufflevector(a, b, 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31);
-}
+
+// m[row][lane] -> m[lane][row].
 inline void Transpose16(vf (&m)[16]) {
-  for (int i = 0; i < 16; i += 2) {
-    vf a = m[i], b = m[i + 1];
-    vf lo = __builtin_shufflevector(a, b, 0, 16, 2, 18, 4, 20, 6, 22, 8, 24, 10, 26, 12, 28, 14, 30);
-    m[i + 1] = NextHalf<0>(a, b), m[i] = lo;
-  }
-  for (int i = 0; i < 16; i += 4)
-    for (int k = i; k < i + 2; ++k) {
-      vf a = m[k], b = m[k + 2];
-      vf lo = __builtin_shufflevector(a, b, 0, 1, 16, 17, 4, 5, 20, 21, 8, 9, 24, 25, 12, 13, 28, 29);
-      m[k + 2] = NextHalf<1>(a, b), m[k] = lo;
-    }
-  for (int i = 0; i < 16; i += 8)
-    for (int k = i; k < i + 4; ++k) {
-      vf a = m[k], b = m[k + 4];
-      vf lo = __builtin_shufflevector(a, b, 0, 1, 2, 3, 16, 17, 18, 19, 8, 9, 10, 11, 24, 25, 26, 27);
-      m[k + 4] = NextHalf<2>(a, b), m[k] = lo;
-    }
-  for (int k = 0; k < 8; ++k) {
-    vf a = m[k], b = m[k + 8];
-    vf lo = __builtin_shufflevector(a, b, 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23);
-    m[k + 8] = NextHalf<3>(a, b), m[k] = lo;
-  }
+  TransposeStage<1>(m);
+  TransposeStage<2>(m);
+  TransposeStage<4>(m);
+  TransposeStage<8>(m);
 }
 
 // Columns [g0, g0 + 16) of the row-major step block `rows` [B, ld] into the transposed output
@@ -389,11 +384,11 @@ inline void LoadGateMajor(const float* in, int T, int B, int t, int g0, float* t
 // The forward loop shared by the cells: for every step, after a barrier (h_{t-1} complete), each
 // thread runs `tile<R>(t, r0, j, stage)` over its 16-unit chunks j and the batch in 4-row tiles;
 // the tiles leave the chunk's four residual blocks in `stage` [4][B, 16] (the thread's own), which
-// then go to the gate-major residual array `res` [4H, T, B] in whole rows of B (written 4 rows at
-// a time, 16 units 16 KB apart, the char-LM forward loop ran 1.7x slower).
+// then go to the gate-major residual arrays, block k to `res[k]` [H, T, B], in whole rows of B
+// (written 4 rows at a time, 16 units 16 KB apart, the char-LM forward loop ran 1.7x slower).
 template <typename Pool, typename Tile4, typename Tile1>
-void ForwardLoop(Pool& pool, int T, int B, int H, int threads, float* res, Tile4 tile4,
-                 Tile1 tile1) {
+void ForwardLoop(Pool& pool, int T, int B, int H, int threads, float* const (&res)[4],
+                 Tile4 tile4, Tile1 tile1) {
   Parallel(pool, threads, [&](int p, int n, SpinBarrier& barrier) {
     int j0, j1;
     Share(H / kLanes, n, p, &j0, &j1);
@@ -406,7 +401,7 @@ void ForwardLoop(Pool& pool, int T, int B, int H, int threads, float* res, Tile4
         for (; r < B; ++r) tile1(t, r, j, stage.data());
         for (int blk = 0; blk < 4; ++blk)
           StoreTransposed(stage.data() + (size_t)blk * B * kLanes, kLanes, 0, B, T, t,
-                          blk * H + j * kLanes, res);
+                          j * kLanes, res[blk]);
       }
     }
   });
@@ -529,7 +524,8 @@ struct GruFwd {
   const float* up;    // Pack(U, 3, H, D)
   const float* h0;    // [B, H]
   float* hs;          // [T, B, H]
-  float* res;         // [4H, T, B], gate-major: r | z | n | rec_n
+  float* res;         // [3H, T, B], gate-major: r | z | n
+  float* rec_n;       // [H, T, B], gate-major
 };
 
 // Accumulators: 0 = r (U x + W h), 1 = z (U x + W h), 2 = U_n x, 3 = W_n h.
@@ -558,11 +554,13 @@ inline void GruFwdTile(const GruFwd& x, int t, int r0, int j, float* stage) {
 struct GruBwd {
   int T, B, H;
   const float* w;     // PackColumns(W [3H, H])
-  const float* res;   // [4H, T, B], gate-major: the same buffer as d_t (d_t overwrites it)
+  const float* res;   // [3H, T, B], gate-major r | z | n: the same buffer as d_rec (overwritten)
+  const float* rec_n; // [H, T, B], gate-major: the same buffer as d_n (overwritten)
   const float* hs;    // [T, B, H]
   const float* h0;    // [B, H]
   const float* d_hs;  // [T, B, H]
-  float* d_t;         // [4H, T, B]: d_r | d_z | d_n r | d_n, transposed
+  float* d_rec;       // [3H, T, B]: d_r | d_z | d_n r, transposed (for W, bh, and U's d_r | d_z)
+  float* d_n;         // [H, T, B]: d_n, transposed (for U's n block and b_n)
   float* rows;        // [2][B, 4H]: d_r | d_z | d_n r | d_n, row-major (d_rec_t: the first 3H)
   float* dh;          // [B, H]: d_hT in, then dh z + (d_rec W), finally dL/dh_0
 };
@@ -571,8 +569,9 @@ inline void GruBwdGates(const GruBwd& x, int t, float* rows, float* tile, int j0
   const int H = x.H, B = x.B, ld = 4 * H;
   const size_t next = (size_t)B * kLanes;
   for (int u = j0 * kLanes; u < j1 * kLanes; u += kLanes) {
+    const size_t block = (size_t)H * x.T * B;
     for (int blk = 0; blk < 4; ++blk)
-      LoadGateMajor(x.res, x.T, B, t, blk * H + u, tile + blk * next);
+      LoadGateMajor(blk < 3 ? x.res + blk * block : x.rec_n, x.T, B, t, u, tile + blk * next);
     for (int b = 0; b < B; ++b) {
       const size_t row = (size_t)t * B + b;
       const float* res = tile + (size_t)b * kLanes;
@@ -590,7 +589,7 @@ inline void GruBwdGates(const GruBwd& x, int t, float* rows, float* tile, int j0
       store(x.dh + i, dh * zg);  // the GEMM adds d_rec W to it
     }
     for (int blk = 0; blk < 4; ++blk)
-      StoreTransposed(rows, ld, blk * H + u, B, x.T, t, blk * H + u, x.d_t);
+      StoreTransposed(rows, ld, blk * H + u, B, x.T, t, u, blk < 3 ? x.d_rec + blk * block : x.d_n);
   }
 }
 
@@ -653,7 +652,9 @@ ffi::Error LstmForwardImpl(F32 xs, F32 u, F32 w, F32 bias, F32 h0, F32 c0, F32Ou
   LstmFwd x{(int)T, (int)B, (int)D, (int)H, xs.typed_data(), bias.typed_data(), wp.data(),
             up.data(), h0.typed_data(), c0.typed_data(), hs->typed_data(), cs->typed_data(),
             s->typed_data()};
-  ForwardLoop(pool, x.T, x.B, x.H, Threads(threads, pool, H), x.s,
+  const size_t block = (size_t)H * T * B;
+  float* const res[4] = {x.s, x.s + block, x.s + 2 * block, x.s + 3 * block};
+  ForwardLoop(pool, x.T, x.B, x.H, Threads(threads, pool, H), res,
               [&](int t, int r, int j, float* st) { LstmFwdTile<4>(x, t, r, j, st); },
               [&](int t, int r, int j, float* st) { LstmFwdTile<1>(x, t, r, j, st); });
   return ffi::Error::Success();
@@ -668,7 +669,6 @@ ffi::Error LstmBackwardImpl(F32 w, F32 s, F32 cs, F32 c0, F32 d_hs, F32 dh_T, F3
   if (auto err = CheckShapes("lstm", T, B, 1, H, G, 4); err.failure()) return err;
   std::memcpy(dh0->typed_data(), dh_T.typed_data(), sizeof(float) * B * H);
   std::memcpy(dc0->typed_data(), dc_T.typed_data(), sizeof(float) * B * H);
-  AdviseHugePages(d_t->typed_data(), sizeof(float) * T * B * G);
   std::vector<float> rows(2 * (size_t)B * G), wc = PackColumns(w.typed_data(), G, H);
   LstmBwd x{(int)T, (int)B, (int)H, wc.data(), s.typed_data(), cs.typed_data(),
             c0.typed_data(), d_hs.typed_data(), d_t->typed_data(), rows.data(),
@@ -681,7 +681,7 @@ ffi::Error LstmBackwardImpl(F32 w, F32 s, F32 cs, F32 c0, F32 d_hs, F32 dh_T, F3
 }
 
 ffi::Error GruForwardImpl(F32 xs, F32 u, F32 w, F32 b, F32 bh, F32 h0, F32Out hs, F32Out res,
-                          int64_t threads, ffi::ThreadPool pool) {
+                          F32Out rec_n, int64_t threads, ffi::ThreadPool pool) {
   auto dims = xs.dimensions();
   if (dims.size() != 3) return ffi::Error::InvalidArgument("jaxrnn gru kernel: xs must be 3-D");
   const int64_t T = dims[0], B = dims[1], D = dims[2], H = w.dimensions()[1];
@@ -689,27 +689,31 @@ ffi::Error GruForwardImpl(F32 xs, F32 u, F32 w, F32 b, F32 bh, F32 h0, F32Out hs
   if (auto err = CheckShapes("gru", T, B, D, H, G, 3); err.failure()) return err;
   std::vector<float> wp = Pack(w.typed_data(), 3, H, H), up = Pack(u.typed_data(), 3, H, D);
   AdviseHugePages(hs->typed_data(), sizeof(float) * T * B * H);
-  AdviseHugePages(res->typed_data(), sizeof(float) * T * B * 4 * H);
+  AdviseHugePages(res->typed_data(), sizeof(float) * T * B * 3 * H);
+  AdviseHugePages(rec_n->typed_data(), sizeof(float) * T * B * H);
   GruFwd x{(int)T, (int)B, (int)D, (int)H, xs.typed_data(), b.typed_data(), bh.typed_data(),
-           wp.data(), up.data(), h0.typed_data(), hs->typed_data(), res->typed_data()};
-  ForwardLoop(pool, x.T, x.B, x.H, Threads(threads, pool, H), x.res,
+           wp.data(), up.data(), h0.typed_data(), hs->typed_data(), res->typed_data(),
+           rec_n->typed_data()};
+  const size_t block = (size_t)H * T * B;
+  float* const blocks[4] = {x.res, x.res + block, x.res + 2 * block, x.rec_n};
+  ForwardLoop(pool, x.T, x.B, x.H, Threads(threads, pool, H), blocks,
               [&](int t, int r, int j, float* st) { GruFwdTile<4>(x, t, r, j, st); },
               [&](int t, int r, int j, float* st) { GruFwdTile<1>(x, t, r, j, st); });
   return ffi::Error::Success();
 }
 
-ffi::Error GruBackwardImpl(F32 w, F32 res, F32 hs, F32 h0, F32 d_hs, F32 dh_T, F32Out d_t,
-                           F32Out dh0, int64_t threads, ffi::ThreadPool pool) {
+ffi::Error GruBackwardImpl(F32 w, F32 res, F32 rec_n, F32 hs, F32 h0, F32 d_hs, F32 dh_T,
+                           F32Out d_rec, F32Out d_n, F32Out dh0, int64_t threads,
+                           ffi::ThreadPool pool) {
   auto dims = hs.dimensions();
   if (dims.size() != 3) return ffi::Error::InvalidArgument("jaxrnn gru kernel: hs must be 3-D");
   const int64_t T = dims[0], B = dims[1], H = dims[2], G = w.dimensions()[0];
   if (auto err = CheckShapes("gru", T, B, 1, H, G, 3); err.failure()) return err;
   std::memcpy(dh0->typed_data(), dh_T.typed_data(), sizeof(float) * B * H);
-  AdviseHugePages(d_t->typed_data(), sizeof(float) * T * B * 4 * H);
   std::vector<float> rows(2 * (size_t)B * 4 * H), wc = PackColumns(w.typed_data(), G, H);
-  GruBwd x{(int)T, (int)B, (int)H, wc.data(), res.typed_data(), hs.typed_data(),
-           h0.typed_data(), d_hs.typed_data(), d_t->typed_data(), rows.data(),
-           dh0->typed_data()};
+  GruBwd x{(int)T, (int)B, (int)H, wc.data(), res.typed_data(), rec_n.typed_data(),
+           hs.typed_data(), h0.typed_data(), d_hs.typed_data(), d_rec->typed_data(),
+           d_n->typed_data(), rows.data(), dh0->typed_data()};
   BackwardLoop<true>(pool, x.T, x.B, x.H, 3 * x.H, x.w, x.rows, x.dh, Threads(threads, pool, H),
                      [&](int t, float* rows, float* tile, int j0, int j1) {
                        GruBwdGates(x, t, rows, tile, j0, j1);
@@ -757,19 +761,22 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxrnnGruForward, GruForwardImpl,
                                   .Arg<F32>()  // bh [3H]
                                   .Arg<F32>()  // h0 [B, H]
                                   .Ret<F32>()  // hs [T, B, H]
-                                  .Ret<F32>()  // res [4H, T, B]: r | z | n | rec_n
+                                  .Ret<F32>()  // res [3H, T, B]: r | z | n
+                                  .Ret<F32>()  // rec_n [H, T, B]
                                   .Attr<int64_t>("threads")
                                   .Ctx<ffi::ThreadPool>());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxrnnGruBackward, GruBackwardImpl,
                               ffi::Ffi::Bind()
                                   .Arg<F32>()  // W [3H, H]
-                                  .Arg<F32>()  // res [4H, T, B] (aliased with the gradients)
+                                  .Arg<F32>()  // res [3H, T, B] (aliased with d_rec)
+                                  .Arg<F32>()  // rec_n [H, T, B] (aliased with d_n)
                                   .Arg<F32>()  // hs [T, B, H]
                                   .Arg<F32>()  // h0 [B, H]
                                   .Arg<F32>()  // d_hs [T, B, H]
                                   .Arg<F32>()  // dh_T [B, H]
-                                  .Ret<F32>()  // [d_r | d_z | d_n r | d_n]^T [4H, T, B] (in res's)
+                                  .Ret<F32>()  // d_rec = [d_r | d_z | d_n r]^T [3H, T, B]
+                                  .Ret<F32>()  // d_n^T [H, T, B]
                                   .Ret<F32>()  // dh_0 [B, H]
                                   .Attr<int64_t>("threads")
                                   .Ctx<ffi::ThreadPool>());
