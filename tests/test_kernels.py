@@ -32,7 +32,7 @@ def test_library_builds_here():
 
 # (B, T, D, H): row counts that leave remainders of the 4- and 8-row tiles, an odd number of
 # 16-unit chunks (H = 48), one chunk (H = 16), a 2-thread split (B * H * H large enough).
-SHAPES = [(3, 7, 5, 16), (1, 9, 1, 48), (13, 6, 3, 64), (32, 5, 7, 128)]
+SHAPES = [(3, 7, 5, 16), (1, 9, 1, 48), (13, 6, 3, 64), (19, 4, 3, 32), (32, 5, 7, 128)]
 
 
 CELLS = {"lstm": lstm(), "gru": gru()}
@@ -74,11 +74,15 @@ def test_forward_matches_numpy_reference(cell, b, t, d, h):
     np.testing.assert_allclose(hs[:, i], want_hs, rtol=0, atol=2e-6)
     if cell == "lstm":
       np.testing.assert_allclose(out[1][-1, i], want_c, rtol=0, atol=5e-6)
-  # The saved residuals are what the scan path saves, gate-major ([G, T, B]).
+  # The saved residuals are what the scan path saves: gate-major ([G, T, B]) from 16 rows on.
   _, _, saved = _scan(cell, params, xs, h0, c0)
-  gate_major = out[2] if cell == "lstm" else jnp.concatenate([out[1], out[2]])  # r|z|n, rec_n
-  assert gate_major.shape == (4 * h, t, b)
-  residuals = jnp.transpose(gate_major, (1, 2, 0))
+  if kernels.gate_major(b):
+    kept = out[2] if cell == "lstm" else jnp.concatenate([out[1], out[2]])  # r | z | n, rec_n
+    assert kept.shape == (4 * h, t, b)
+    residuals = jnp.transpose(kept, (1, 2, 0))
+  else:
+    residuals = out[2] if cell == "lstm" else jnp.concatenate([out[1], out[2]], axis=-1)
+  assert residuals.shape == (t, b, 4 * h)
   if cell == "lstm":
     np.testing.assert_allclose(residuals, saved.res, rtol=0, atol=2e-6)  # g as sigmoid(2z)
     np.testing.assert_allclose(out[1], saved.carries[1], rtol=0, atol=5e-6)
@@ -100,7 +104,7 @@ def test_backward_matches_scan_backward(cell, b, t, d, h):
                                                    d_hs, d_T)
   h_prev = jnp.concatenate([h0[None], saved.carries[0][:-1]]).reshape(t * b, h)
   if cell == "lstm":
-    s = jnp.transpose(saved.res, (2, 0, 1))                 # gate-major, as the forward keeps it
+    s = jnp.transpose(saved.res, (2, 0, 1)) if kernels.gate_major(b) else saved.res
     d_t, *d_carry = jax.jit(kernels.lstm_backward)(params["W"], s, saved.carries[1], c0, d_hs,
                                                    *d_T)
     assert d_t.shape == (4 * h, t, b)
@@ -315,6 +319,16 @@ def test_bad_shapes_are_rejected_by_the_kernel():
   with pytest.raises(Exception, match="gru kernel: expected H a positive multiple of 16"):
     kernels.gru_forward(x, jnp.ones((60, 4)), jnp.ones((60, 20)), jnp.ones(60), jnp.ones(60),
                         jnp.ones((3, 20)))
+  # Residuals in the other layout than the batch size implies (gate-major from 16 rows on).
+  t, b, h = 3, 16, 16
+  state, w = jnp.ones((b, h)), jnp.ones((4 * h, h))
+  with pytest.raises(ValueError, match=r"lstm_backward: s must have shape \(64, 3, 16\) "
+                     r"\(gate-major for batch 16, as the forward returns it\); got \(3, 16, 64\)"):
+    kernels.lstm_backward(w, jnp.ones((t, b, 4 * h)), jnp.ones((t, b, h)), state,
+                          jnp.ones((t, b, h)), state, state)
+  with pytest.raises(ValueError, match=r"gru_backward: rec_n must have shape \(16, 3, 16\)"):
+    kernels.gru_backward(w[:3 * h], jnp.ones((3 * h, t, b)), jnp.ones((t, b, h)),
+                         jnp.ones((t, b, h)), state, jnp.ones((t, b, h)), state)
 
 
 def test_build_is_cached_and_keyed_by_the_source(tmp_path, monkeypatch):

@@ -147,6 +147,34 @@ def threads_for(batch: int, hidden: int) -> int:
 
 BLOCKS = {"lstm": 4, "gru": 3}
 
+# From this batch size on, the forward keeps its residuals gate-major, `[k H, T, B]`, and the
+# backward writes its gradients over them (one such array per training step instead of two: GRU
+# large 317 -> 244 ms, its page faults 91k -> 39k per step). Below it a gate-major row of one
+# step is shorter than a cache line and a step's rows lie `T B` floats apart (at B = 1 the small
+# LSTM's loops ran 1.5-2x slower), so the residuals stay row-major, `[T, B, k H]`, unaliased.
+GATE_MAJOR_BATCH = 16
+
+
+def gate_major(batch: int) -> bool:
+  """Whether the loops keep their residuals gate-major for this batch size (`GATE_MAJOR_BATCH`)."""
+  return batch >= GATE_MAJOR_BATCH
+
+
+def _residual_shape(batch: int, time: int, rows: int) -> tuple[int, int, int]:
+  return (rows, time, batch) if gate_major(batch) else (time, batch, rows)
+
+
+def _residual(batch: int, time: int, rows: int) -> jax.ShapeDtypeStruct:
+  return jax.ShapeDtypeStruct(_residual_shape(batch, time, rows), jnp.float32)
+
+
+def _check_residual(fn: str, name: str, value: jax.Array, batch: int, time: int, rows: int):
+  want = _residual_shape(batch, time, rows)
+  if tuple(value.shape) != want:
+    layout = "gate-major" if gate_major(batch) else "row-major"
+    raise ValueError(f"{fn}: {name} must have shape {want} ({layout} for batch {batch}, as the "
+                     f"forward returns it); got {tuple(value.shape)}.")
+
 
 def applies(cell, params: dict, xs: jax.Array, carry0, mask, matmul_dtype) -> bool:
   """Whether `jaxrnn.backward.input_recurrence` may run this call through the native loops.
@@ -188,9 +216,10 @@ def _require_library() -> None:
 def lstm_forward(xs: jax.Array, U: jax.Array, W: jax.Array, bias: jax.Array, h0: jax.Array,
                  c0: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
   """The LSTM forward loop with its input projection: `xs [T, B, D]`, `U [4H, D]`, `W [4H, H]`,
-  `bias [4H]` (`b + bh`), `h0, c0 [B, H]` -> `(hs, cs) [T, B, H]` and the activated gates
-  gate-major, `s [4H, T, B]` (the g block as `sigmoid(2 z_g)`, as `jaxrnn.cells.lstm` saves them;
-  transposed, the layout of `lstm_backward`'s output, which overwrites them). CPU only.
+  `bias [4H]` (`b + bh`), `h0, c0 [B, H]` -> `(hs, cs) [T, B, H]` and the activated gates `s`
+  (the g block as `sigmoid(2 z_g)`, as `jaxrnn.cells.lstm` saves them), gate-major `[4H, T, B]`
+  (the layout of `lstm_backward`'s output, which overwrites them) where `gate_major(B)`, else
+  `[T, B, 4H]`. CPU only.
 
   `U x_t` is accumulated with `W h_{t-1}` in the step's GEMM, so no `[T, B, 4H]` projection is
   written to memory and read back (on the char-LM step that array, freshly mapped by the
@@ -198,10 +227,10 @@ def lstm_forward(xs: jax.Array, U: jax.Array, W: jax.Array, bias: jax.Array, h0:
   _require_library()
   T, B, _ = xs.shape
   G, H = W.shape
-  out = (jax.ShapeDtypeStruct((T, B, H), jnp.float32),) * 2 + (
-      jax.ShapeDtypeStruct((G, T, B), jnp.float32),)
+  out = (jax.ShapeDtypeStruct((T, B, H), jnp.float32),) * 2 + (_residual(B, T, G),)
   return jax.ffi.ffi_call("jaxrnn_lstm_forward", out, vmap_method="sequential")(
-      xs, U, W, bias, h0, c0, threads=np.int64(threads_for(B, H)))
+      xs, U, W, bias, h0, c0, threads=np.int64(threads_for(B, H)),
+      gate_major=np.int64(gate_major(B)))
 
 
 def lstm_backward(W: jax.Array, s: jax.Array, cs: jax.Array, c0: jax.Array, d_hs: jax.Array,
@@ -211,32 +240,35 @@ def lstm_backward(W: jax.Array, s: jax.Array, cs: jax.Array, c0: jax.Array, d_hs
   (`dL/dz_t`, which is `dL/da_t` and `dL/d(b + bh)` per step, transposed: the layout in which the
   weight gradients' GEMMs read it without a copy) and `(dh_0, dc_0) [B, H]`.
 
-  `d_a^T` takes `s`'s buffer (`input_output_aliases`; XLA copies `s` first only where it is
-  still needed afterwards), so a training step holds one `[4H, T, B]` array, not two."""
+  Where `s` is gate-major, `d_a^T` takes its buffer (`input_output_aliases`; XLA copies `s` first
+  only where it is still needed afterwards): a training step holds one `[4H, T, B]` array, not
+  two."""
   _require_library()
-  G, T, B = s.shape
-  H = G // 4
+  T, B, H = cs.shape
+  G = 4 * H
+  _check_residual("lstm_backward", "s", s, B, T, G)
   out = (jax.ShapeDtypeStruct((G, T, B), jnp.float32),
          jax.ShapeDtypeStruct((B, H), jnp.float32), jax.ShapeDtypeStruct((B, H), jnp.float32))
   return jax.ffi.ffi_call("jaxrnn_lstm_backward", out, vmap_method="sequential",
-                          input_output_aliases={1: 0})(
-      W, s, cs, c0, d_hs, dh_T, dc_T, threads=np.int64(threads_for(B, H)))
+                          input_output_aliases={1: 0} if gate_major(B) else None)(
+      W, s, cs, c0, d_hs, dh_T, dc_T, threads=np.int64(threads_for(B, H)),
+      gate_major=np.int64(gate_major(B)))
 
 
 def gru_forward(xs: jax.Array, U: jax.Array, W: jax.Array, b: jax.Array, bh: jax.Array,
                 h0: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
   """The GRU forward loop with its input projection: `xs [T, B, D]`, `U [3H, D]`, `W [3H, H]`,
-  `b, bh [3H]`, `h0 [B, H]` -> `hs [T, B, H]` and the residuals gate-major, `[r | z | n]
-  [3H, T, B]` and `rec_n = W_n h_{t-1} + bh_n [H, T, B]` (the layout of `gru_backward`'s outputs,
-  which overwrite them). CPU only."""
+  `b, bh [3H]`, `h0 [B, H]` -> `hs [T, B, H]` and the residuals `[r | z | n]` and
+  `rec_n = W_n h_{t-1} + bh_n`, gate-major `[3H, T, B]` and `[H, T, B]` (the layout of
+  `gru_backward`'s outputs, which overwrite them) where `gate_major(B)`, else `[T, B, 3H]` and
+  `[T, B, H]`. CPU only."""
   _require_library()
   T, B, _ = xs.shape
   G, H = W.shape
-  out = (jax.ShapeDtypeStruct((T, B, H), jnp.float32),
-         jax.ShapeDtypeStruct((3 * H, T, B), jnp.float32),
-         jax.ShapeDtypeStruct((H, T, B), jnp.float32))
+  out = (jax.ShapeDtypeStruct((T, B, H), jnp.float32), _residual(B, T, 3 * H), _residual(B, T, H))
   return jax.ffi.ffi_call("jaxrnn_gru_forward", out, vmap_method="sequential")(
-      xs, U, W, b, bh, h0, threads=np.int64(threads_for(B, H)))
+      xs, U, W, b, bh, h0, threads=np.int64(threads_for(B, H)),
+      gate_major=np.int64(gate_major(B)))
 
 
 def gru_backward(W: jax.Array, res: jax.Array, rec_n: jax.Array, hs: jax.Array, h0: jax.Array,
@@ -245,13 +277,17 @@ def gru_backward(W: jax.Array, res: jax.Array, rec_n: jax.Array, hs: jax.Array, 
   cotangent `d_hs [T, B, H]` and the final state's `dh_T [B, H]` -> the pre-activation gradients
   transposed, `d_rec = [d_r | d_z | d_n r] [3H, T, B]` (for `W`, `bh` and the recurrence; its
   first two blocks also for `U`, `b`) and `d_n [H, T, B]` (for `U`'s and `b`'s n block), and
-  `dh_0 [B, H]`. `d_rec` takes `res`'s buffer and `d_n` `rec_n`'s (`input_output_aliases`, as in
-  `lstm_backward`); kept as two arrays so that the GEMM for `W` reads `d_rec` as it is, where a
-  slice of one `[4H, T, B]` array was a copy (79 MB per GRU-large step)."""
+  `dh_0 [B, H]`. Where the residuals are gate-major, `d_rec` takes `res`'s buffer and `d_n`
+  `rec_n`'s (`input_output_aliases`, as in `lstm_backward`); kept as two arrays so that the GEMM
+  for `W` reads `d_rec` as it is, where a slice of one `[4H, T, B]` array was a copy (79 MB per
+  GRU-large step)."""
   _require_library()
   T, B, H = hs.shape
+  _check_residual("gru_backward", "res", res, B, T, 3 * H)
+  _check_residual("gru_backward", "rec_n", rec_n, B, T, H)
   out = (jax.ShapeDtypeStruct((3 * H, T, B), jnp.float32),
          jax.ShapeDtypeStruct((H, T, B), jnp.float32), jax.ShapeDtypeStruct((B, H), jnp.float32))
   return jax.ffi.ffi_call("jaxrnn_gru_backward", out, vmap_method="sequential",
-                          input_output_aliases={1: 0, 2: 1})(
-      W, res, rec_n, hs, h0, d_hs, dh_T, threads=np.int64(threads_for(B, H)))
+                          input_output_aliases={1: 0, 2: 1} if gate_major(B) else None)(
+      W, res, rec_n, hs, h0, d_hs, dh_T, threads=np.int64(threads_for(B, H)),
+      gate_major=np.int64(gate_major(B)))

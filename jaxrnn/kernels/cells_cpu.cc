@@ -360,12 +360,31 @@ inline void StoreTransposed(const float* rows, int ld, int g0, int B, int T, int
   }
 }
 
-// The forward's residual gates are kept gate-major, [G, T, B] (element (g, t, b) at (g T + t) B
-// + b), the layout of the backward's transposed output, which XLA places in the same buffer
-// (`input_output_aliases`): the backward reads step t's gates of its units, then writes their
-// gradients over them. One [G, T, B] array per step instead of two kept the LSTM char-LM step's
-// temporaries under the 32 MB above which glibc maps them fresh (and faults them in) every step.
+// The forward's residuals are kept gate-major, [G, T, B] (element (g, t, b) at (g T + t) B + b),
+// the layout of the backward's transposed output, which XLA places in the same buffer
+// (`input_output_aliases`): the backward reads step t's residuals of its units, then writes their
+// gradients over them, so a training step holds one such array instead of two (GRU large 317 ->
+// 244 ms, its page faults 91k -> 39k per step; the GRU char-LM step's temporaries fell under the
+// 32 MB above which glibc maps them fresh, and faults them in, every step). Below 16 batch rows a
+// gate-major row of one step is less than a cache line and the rows of a step lie T B floats
+// apart (at B = 1 every unit in its own 4 KB page, all in one L1 set: the small LSTM's loops ran
+// 1.5-2x slower), so there the residuals stay row-major, [T, B, G], and are not aliased.
 //
+// One 16-unit-wide residual block of every step: gate-major from `base` (its first unit's row,
+// `ld` = 0) or row-major (`base` its first column, rows `ld` floats apart).
+struct Block {
+  float* base;
+  int ld;
+};
+
+// The blocks of an array of `nb` blocks of H units, gate-major [nb H, T, B] or row-major
+// [T, B, nb H].
+inline void Blocks(float* data, int nb, int64_t H, int64_t T, int64_t B, bool gate_major,
+                   Block* out) {
+  for (int k = 0; k < nb; ++k)
+    out[k] = gate_major ? Block{data + k * H * T * B, 0} : Block{data + k * H, (int)(nb * H)};
+}
+
 // Units [g0, g0 + 16) of step t, all B rows, from a gate-major array into `tile` [B, 16].
 inline void LoadGateMajor(const float* in, int T, int B, int t, int g0, float* tile) {
   const float* src = in + ((size_t)g0 * T + t) * B;
@@ -381,13 +400,27 @@ inline void LoadGateMajor(const float* in, int T, int B, int t, int g0, float* t
     for (int b = b0; b < B; ++b) tile[(size_t)b * kLanes + l] = src[b];
 }
 
+// Units [u, u + 16) of block k at step t, all B rows: into `tile` [B, 16] (GetBlock), from
+// `stage` [B, 16] (PutBlock).
+inline void GetBlock(const Block& k, int T, int B, int t, int u, float* tile) {
+  if (k.ld == 0) return LoadGateMajor(k.base, T, B, t, u, tile);
+  for (int b = 0; b < B; ++b)
+    store(tile + (size_t)b * kLanes, load(k.base + ((size_t)t * B + b) * k.ld + u));
+}
+
+inline void PutBlock(const Block& k, const float* stage, int T, int B, int t, int u) {
+  if (k.ld == 0) return StoreTransposed(stage, kLanes, 0, B, T, t, u, k.base);
+  for (int b = 0; b < B; ++b)
+    store(k.base + ((size_t)t * B + b) * k.ld + u, load(stage + (size_t)b * kLanes));
+}
+
 // The forward loop shared by the cells: for every step, after a barrier (h_{t-1} complete), each
 // thread runs `tile<R>(t, r0, j, stage)` over its 16-unit chunks j and the batch in 4-row tiles;
 // the tiles leave the chunk's four residual blocks in `stage` [4][B, 16] (the thread's own), which
-// then go to the gate-major residual arrays, block k to `res[k]` [H, T, B], in whole rows of B
-// (written 4 rows at a time, 16 units 16 KB apart, the char-LM forward loop ran 1.7x slower).
+// then go to the residual blocks `res`, gate-major ones in whole rows of B (written 4 rows at a
+// time, 16 units 16 KB apart, the char-LM forward loop ran 1.7x slower).
 template <typename Pool, typename Tile4, typename Tile1>
-void ForwardLoop(Pool& pool, int T, int B, int H, int threads, float* const (&res)[4],
+void ForwardLoop(Pool& pool, int T, int B, int H, int threads, const Block (&res)[4],
                  Tile4 tile4, Tile1 tile1) {
   Parallel(pool, threads, [&](int p, int n, SpinBarrier& barrier) {
     int j0, j1;
@@ -400,8 +433,7 @@ void ForwardLoop(Pool& pool, int T, int B, int H, int threads, float* const (&re
         for (; r + 4 <= B; r += 4) tile4(t, r, j, stage.data());
         for (; r < B; ++r) tile1(t, r, j, stage.data());
         for (int blk = 0; blk < 4; ++blk)
-          StoreTransposed(stage.data() + (size_t)blk * B * kLanes, kLanes, 0, B, T, t,
-                          j * kLanes, res[blk]);
+          PutBlock(res[blk], stage.data() + (size_t)blk * B * kLanes, T, B, t, j * kLanes);
       }
     }
   });
@@ -442,7 +474,7 @@ struct LstmFwd {
   const float* c0;    // [B, H]
   float* hs;          // [T, B, H]
   float* cs;          // [T, B, H]
-  float* s;           // [4H, T, B], gate-major
+  float* s;           // [4H, T, B] gate-major, or [T, B, 4H]
 };
 
 // Rows [r0, r0 + R) of step t, units [16 j, 16 j + 16): the GEMM tile, then gates and states.
@@ -472,7 +504,7 @@ inline void LstmFwdTile(const LstmFwd& x, int t, int r0, int j, float* stage) {
 struct LstmBwd {
   int T, B, H;
   const float* w;     // PackColumns(W [4H, H])
-  const float* s;     // [4H, T, B], gate-major: the same buffer as d_t (d_t overwrites it)
+  Block s[4];         // the gates i | f | g | o (gate-major: the buffer d_t overwrites)
   const float* cs;    // [T, B, H]
   const float* c0;    // [B, H]
   const float* d_hs;  // [T, B, H]
@@ -488,7 +520,7 @@ inline void LstmBwdGates(const LstmBwd& x, int t, float* rows, float* tile, int 
   const int H = x.H, G = 4 * H, B = x.B;
   for (int u = j0 * kLanes; u < j1 * kLanes; u += kLanes) {
     for (int blk = 0; blk < 4; ++blk)
-      LoadGateMajor(x.s, x.T, B, t, blk * H + u, tile + (size_t)blk * B * kLanes);
+      GetBlock(x.s[blk], x.T, B, t, u, tile + (size_t)blk * B * kLanes);
     for (int b = 0; b < B; ++b) {
       const size_t row = (size_t)t * B + b;
       const float* s = tile + (size_t)b * kLanes;
@@ -524,8 +556,8 @@ struct GruFwd {
   const float* up;    // Pack(U, 3, H, D)
   const float* h0;    // [B, H]
   float* hs;          // [T, B, H]
-  float* res;         // [3H, T, B], gate-major: r | z | n
-  float* rec_n;       // [H, T, B], gate-major
+  float* res;         // [3H, T, B] gate-major, or [T, B, 3H]: r | z | n
+  float* rec_n;       // [H, T, B] gate-major, or [T, B, H]
 };
 
 // Accumulators: 0 = r (U x + W h), 1 = z (U x + W h), 2 = U_n x, 3 = W_n h.
@@ -554,8 +586,7 @@ inline void GruFwdTile(const GruFwd& x, int t, int r0, int j, float* stage) {
 struct GruBwd {
   int T, B, H;
   const float* w;     // PackColumns(W [3H, H])
-  const float* res;   // [3H, T, B], gate-major r | z | n: the same buffer as d_rec (overwritten)
-  const float* rec_n; // [H, T, B], gate-major: the same buffer as d_n (overwritten)
+  Block res[4];       // r | z | n | rec_n (gate-major: the buffers d_rec and d_n overwrite)
   const float* hs;    // [T, B, H]
   const float* h0;    // [B, H]
   const float* d_hs;  // [T, B, H]
@@ -570,8 +601,7 @@ inline void GruBwdGates(const GruBwd& x, int t, float* rows, float* tile, int j0
   const size_t next = (size_t)B * kLanes;
   for (int u = j0 * kLanes; u < j1 * kLanes; u += kLanes) {
     const size_t block = (size_t)H * x.T * B;
-    for (int blk = 0; blk < 4; ++blk)
-      LoadGateMajor(blk < 3 ? x.res + blk * block : x.rec_n, x.T, B, t, u, tile + blk * next);
+    for (int blk = 0; blk < 4; ++blk) GetBlock(x.res[blk], x.T, B, t, u, tile + blk * next);
     for (int b = 0; b < B; ++b) {
       const size_t row = (size_t)t * B + b;
       const float* res = tile + (size_t)b * kLanes;
@@ -635,11 +665,23 @@ ffi::Error CheckShapes(const char* cell, int64_t T, int64_t B, int64_t D, int64_
   return ffi::Error::Success();
 }
 
+// A residual array of `nb` blocks has [nb H, T, B] (gate-major) or [T, B, nb H].
+ffi::Error CheckResidual(const char* cell, const char* name, ffi::Span<const int64_t> dims,
+                         int64_t nb, int64_t T, int64_t B, int64_t H, bool gate_major) {
+  const int64_t want[3] = {gate_major ? nb * H : T, gate_major ? T : B, gate_major ? B : nb * H};
+  if (dims.size() == 3 && dims[0] == want[0] && dims[1] == want[1] && dims[2] == want[2])
+    return ffi::Error::Success();
+  return ffi::Error::InvalidArgument(std::string("jaxrnn ") + cell + " kernel: expected " + name +
+                                     " of shape [" + std::to_string(want[0]) + ", " +
+                                     std::to_string(want[1]) + ", " + std::to_string(want[2]) +
+                                     "]");
+}
+
 using F32 = ffi::Buffer<ffi::F32>;
 using F32Out = ffi::ResultBuffer<ffi::F32>;
 
 ffi::Error LstmForwardImpl(F32 xs, F32 u, F32 w, F32 bias, F32 h0, F32 c0, F32Out hs, F32Out cs,
-                           F32Out s, int64_t threads, ffi::ThreadPool pool) {
+                           F32Out s, int64_t threads, int64_t gate_major, ffi::ThreadPool pool) {
   auto dims = xs.dimensions();
   if (dims.size() != 3) return ffi::Error::InvalidArgument("jaxrnn lstm kernel: xs must be 3-D");
   const int64_t T = dims[0], B = dims[1], D = dims[2], H = w.dimensions()[1];
@@ -648,12 +690,12 @@ ffi::Error LstmForwardImpl(F32 xs, F32 u, F32 w, F32 bias, F32 h0, F32 c0, F32Ou
   std::vector<float> wp = Pack(w.typed_data(), 4, H, H), up = Pack(u.typed_data(), 4, H, D);
   AdviseHugePages(hs->typed_data(), sizeof(float) * T * B * H);
   AdviseHugePages(cs->typed_data(), sizeof(float) * T * B * H);
-  AdviseHugePages(s->typed_data(), sizeof(float) * T * B * G);  // [4H, T, B]
+  AdviseHugePages(s->typed_data(), sizeof(float) * T * B * G);
   LstmFwd x{(int)T, (int)B, (int)D, (int)H, xs.typed_data(), bias.typed_data(), wp.data(),
             up.data(), h0.typed_data(), c0.typed_data(), hs->typed_data(), cs->typed_data(),
             s->typed_data()};
-  const size_t block = (size_t)H * T * B;
-  float* const res[4] = {x.s, x.s + block, x.s + 2 * block, x.s + 3 * block};
+  Block res[4];
+  Blocks(x.s, 4, H, T, B, gate_major, res);
   ForwardLoop(pool, x.T, x.B, x.H, Threads(threads, pool, H), res,
               [&](int t, int r, int j, float* st) { LstmFwdTile<4>(x, t, r, j, st); },
               [&](int t, int r, int j, float* st) { LstmFwdTile<1>(x, t, r, j, st); });
@@ -662,17 +704,21 @@ ffi::Error LstmForwardImpl(F32 xs, F32 u, F32 w, F32 bias, F32 h0, F32 c0, F32Ou
 
 ffi::Error LstmBackwardImpl(F32 w, F32 s, F32 cs, F32 c0, F32 d_hs, F32 dh_T, F32 dc_T,
                             F32Out d_t, F32Out dh0, F32Out dc0, int64_t threads,
-                            ffi::ThreadPool pool) {
-  auto dims = s.dimensions();  // [4H, T, B]
-  if (dims.size() != 3) return ffi::Error::InvalidArgument("jaxrnn lstm kernel: s must be 3-D");
-  const int64_t G = dims[0], T = dims[1], B = dims[2], H = w.dimensions()[1];
+                            int64_t gate_major, ffi::ThreadPool pool) {
+  auto dims = cs.dimensions();  // [T, B, H]
+  if (dims.size() != 3) return ffi::Error::InvalidArgument("jaxrnn lstm kernel: cs must be 3-D");
+  const int64_t T = dims[0], B = dims[1], G = w.dimensions()[0], H = w.dimensions()[1];
   if (auto err = CheckShapes("lstm", T, B, 1, H, G, 4); err.failure()) return err;
+  if (auto err = CheckResidual("lstm", "s", s.dimensions(), 4, T, B, H, gate_major);
+      err.failure())
+    return err;
   std::memcpy(dh0->typed_data(), dh_T.typed_data(), sizeof(float) * B * H);
   std::memcpy(dc0->typed_data(), dc_T.typed_data(), sizeof(float) * B * H);
   std::vector<float> rows(2 * (size_t)B * G), wc = PackColumns(w.typed_data(), G, H);
-  LstmBwd x{(int)T, (int)B, (int)H, wc.data(), s.typed_data(), cs.typed_data(),
-            c0.typed_data(), d_hs.typed_data(), d_t->typed_data(), rows.data(),
-            dh0->typed_data(), dc0->typed_data()};
+  LstmBwd x{(int)T, (int)B, (int)H, wc.data(), {}, cs.typed_data(), c0.typed_data(),
+            d_hs.typed_data(), d_t->typed_data(), rows.data(), dh0->typed_data(),
+            dc0->typed_data()};
+  Blocks(const_cast<float*>(s.typed_data()), 4, H, T, B, gate_major, x.s);
   BackwardLoop<false>(pool, x.T, x.B, x.H, 4 * x.H, x.w, x.rows, x.dh, Threads(threads, pool, H),
                       [&](int t, float* rows, float* tile, int j0, int j1) {
                         LstmBwdGates(x, t, rows, tile, j0, j1);
@@ -681,7 +727,8 @@ ffi::Error LstmBackwardImpl(F32 w, F32 s, F32 cs, F32 c0, F32 d_hs, F32 dh_T, F3
 }
 
 ffi::Error GruForwardImpl(F32 xs, F32 u, F32 w, F32 b, F32 bh, F32 h0, F32Out hs, F32Out res,
-                          F32Out rec_n, int64_t threads, ffi::ThreadPool pool) {
+                          F32Out rec_n, int64_t threads, int64_t gate_major,
+                          ffi::ThreadPool pool) {
   auto dims = xs.dimensions();
   if (dims.size() != 3) return ffi::Error::InvalidArgument("jaxrnn gru kernel: xs must be 3-D");
   const int64_t T = dims[0], B = dims[1], D = dims[2], H = w.dimensions()[1];
@@ -694,8 +741,9 @@ ffi::Error GruForwardImpl(F32 xs, F32 u, F32 w, F32 b, F32 bh, F32 h0, F32Out hs
   GruFwd x{(int)T, (int)B, (int)D, (int)H, xs.typed_data(), b.typed_data(), bh.typed_data(),
            wp.data(), up.data(), h0.typed_data(), hs->typed_data(), res->typed_data(),
            rec_n->typed_data()};
-  const size_t block = (size_t)H * T * B;
-  float* const blocks[4] = {x.res, x.res + block, x.res + 2 * block, x.rec_n};
+  Block blocks[4];
+  Blocks(x.res, 3, H, T, B, gate_major, blocks);
+  Blocks(x.rec_n, 1, H, T, B, gate_major, blocks + 3);
   ForwardLoop(pool, x.T, x.B, x.H, Threads(threads, pool, H), blocks,
               [&](int t, int r, int j, float* st) { GruFwdTile<4>(x, t, r, j, st); },
               [&](int t, int r, int j, float* st) { GruFwdTile<1>(x, t, r, j, st); });
@@ -704,16 +752,24 @@ ffi::Error GruForwardImpl(F32 xs, F32 u, F32 w, F32 b, F32 bh, F32 h0, F32Out hs
 
 ffi::Error GruBackwardImpl(F32 w, F32 res, F32 rec_n, F32 hs, F32 h0, F32 d_hs, F32 dh_T,
                            F32Out d_rec, F32Out d_n, F32Out dh0, int64_t threads,
-                           ffi::ThreadPool pool) {
+                           int64_t gate_major, ffi::ThreadPool pool) {
   auto dims = hs.dimensions();
   if (dims.size() != 3) return ffi::Error::InvalidArgument("jaxrnn gru kernel: hs must be 3-D");
   const int64_t T = dims[0], B = dims[1], H = dims[2], G = w.dimensions()[0];
   if (auto err = CheckShapes("gru", T, B, 1, H, G, 3); err.failure()) return err;
+  if (auto err = CheckResidual("gru", "res", res.dimensions(), 3, T, B, H, gate_major);
+      err.failure())
+    return err;
+  if (auto err = CheckResidual("gru", "rec_n", rec_n.dimensions(), 1, T, B, H, gate_major);
+      err.failure())
+    return err;
   std::memcpy(dh0->typed_data(), dh_T.typed_data(), sizeof(float) * B * H);
   std::vector<float> rows(2 * (size_t)B * 4 * H), wc = PackColumns(w.typed_data(), G, H);
-  GruBwd x{(int)T, (int)B, (int)H, wc.data(), res.typed_data(), rec_n.typed_data(),
-           hs.typed_data(), h0.typed_data(), d_hs.typed_data(), d_rec->typed_data(),
-           d_n->typed_data(), rows.data(), dh0->typed_data()};
+  GruBwd x{(int)T, (int)B, (int)H, wc.data(), {}, hs.typed_data(), h0.typed_data(),
+           d_hs.typed_data(), d_rec->typed_data(), d_n->typed_data(), rows.data(),
+           dh0->typed_data()};
+  Blocks(const_cast<float*>(res.typed_data()), 3, H, T, B, gate_major, x.res);
+  Blocks(const_cast<float*>(rec_n.typed_data()), 1, H, T, B, gate_major, x.res + 3);
   BackwardLoop<true>(pool, x.T, x.B, x.H, 3 * x.H, x.w, x.rows, x.dh, Threads(threads, pool, H),
                      [&](int t, float* rows, float* tile, int j0, int j1) {
                        GruBwdGates(x, t, rows, tile, j0, j1);
@@ -733,14 +789,15 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxrnnLstmForward, LstmForwardImpl,
                                   .Arg<F32>()  // c0 [B, H]
                                   .Ret<F32>()  // hs [T, B, H]
                                   .Ret<F32>()  // cs [T, B, H]
-                                  .Ret<F32>()  // s [4H, T, B]
+                                  .Ret<F32>()  // s [4H, T, B] (gate_major) or [T, B, 4H]
                                   .Attr<int64_t>("threads")
+                                  .Attr<int64_t>("gate_major")
                                   .Ctx<ffi::ThreadPool>());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxrnnLstmBackward, LstmBackwardImpl,
                               ffi::Ffi::Bind()
                                   .Arg<F32>()  // W [4H, H]
-                                  .Arg<F32>()  // s [4H, T, B] (aliased with d_a^T)
+                                  .Arg<F32>()  // s (aliased with d_a^T where gate-major)
                                   .Arg<F32>()  // cs [T, B, H]
                                   .Arg<F32>()  // c0 [B, H]
                                   .Arg<F32>()  // d_hs [T, B, H]
@@ -750,6 +807,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxrnnLstmBackward, LstmBackwardImpl,
                                   .Ret<F32>()  // dh_0 [B, H]
                                   .Ret<F32>()  // dc_0 [B, H]
                                   .Attr<int64_t>("threads")
+                                  .Attr<int64_t>("gate_major")
                                   .Ctx<ffi::ThreadPool>());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxrnnGruForward, GruForwardImpl,
@@ -761,16 +819,17 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxrnnGruForward, GruForwardImpl,
                                   .Arg<F32>()  // bh [3H]
                                   .Arg<F32>()  // h0 [B, H]
                                   .Ret<F32>()  // hs [T, B, H]
-                                  .Ret<F32>()  // res [3H, T, B]: r | z | n
-                                  .Ret<F32>()  // rec_n [H, T, B]
+                                  .Ret<F32>()  // res [3H, T, B] or [T, B, 3H]: r | z | n
+                                  .Ret<F32>()  // rec_n [H, T, B] or [T, B, H]
                                   .Attr<int64_t>("threads")
+                                  .Attr<int64_t>("gate_major")
                                   .Ctx<ffi::ThreadPool>());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxrnnGruBackward, GruBackwardImpl,
                               ffi::Ffi::Bind()
                                   .Arg<F32>()  // W [3H, H]
-                                  .Arg<F32>()  // res [3H, T, B] (aliased with d_rec)
-                                  .Arg<F32>()  // rec_n [H, T, B] (aliased with d_n)
+                                  .Arg<F32>()  // res (aliased with d_rec where gate-major)
+                                  .Arg<F32>()  // rec_n (aliased with d_n where gate-major)
                                   .Arg<F32>()  // hs [T, B, H]
                                   .Arg<F32>()  // h0 [B, H]
                                   .Arg<F32>()  // d_hs [T, B, H]
@@ -779,4 +838,5 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxrnnGruBackward, GruBackwardImpl,
                                   .Ret<F32>()  // d_n^T [H, T, B]
                                   .Ret<F32>()  // dh_0 [B, H]
                                   .Attr<int64_t>("threads")
+                                  .Attr<int64_t>("gate_major")
                                   .Ctx<ffi::ThreadPool>());
