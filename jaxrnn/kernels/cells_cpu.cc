@@ -400,12 +400,19 @@ inline void LoadGateMajor(const float* in, int T, int B, int t, int g0, float* t
     for (int b = b0; b < B; ++b) tile[(size_t)b * kLanes + l] = src[b];
 }
 
-// Units [u, u + 16) of block k at step t, all B rows: into `tile` [B, 16] (GetBlock), from
-// `stage` [B, 16] (PutBlock).
-inline void GetBlock(const Block& k, int T, int B, int t, int u, float* tile) {
-  if (k.ld == 0) return LoadGateMajor(k.base, T, B, t, u, tile);
-  for (int b = 0; b < B; ++b)
-    store(tile + (size_t)b * kLanes, load(k.base + ((size_t)t * B + b) * k.ld + u));
+// Units [u, u + 16) of block k at step t, all B rows, as rows `stride` floats apart from `p`:
+// read in place where row-major, else transposed into `tile` [B, 16] first (GetBlock). And from
+// `stage` [B, 16] into block k (PutBlock).
+struct Rows {
+  const float* p;
+  size_t stride;
+  vf operator[](int b) const { return load(p + b * stride); }
+};
+
+inline Rows GetBlock(const Block& k, int T, int B, int t, int u, float* tile) {
+  if (k.ld != 0) return {k.base + (size_t)t * B * k.ld + u, (size_t)k.ld};
+  LoadGateMajor(k.base, T, B, t, u, tile);
+  return {tile, kLanes};
 }
 
 inline void PutBlock(const Block& k, const float* stage, int T, int B, int t, int u) {
@@ -519,18 +526,17 @@ struct LstmBwd {
 inline void LstmBwdGates(const LstmBwd& x, int t, float* rows, float* tile, int j0, int j1) {
   const int H = x.H, G = 4 * H, B = x.B;
   for (int u = j0 * kLanes; u < j1 * kLanes; u += kLanes) {
+    Rows s[4];
     for (int blk = 0; blk < 4; ++blk)
-      GetBlock(x.s[blk], x.T, B, t, u, tile + (size_t)blk * B * kLanes);
+      s[blk] = GetBlock(x.s[blk], x.T, B, t, u, tile + (size_t)blk * B * kLanes);
     for (int b = 0; b < B; ++b) {
       const size_t row = (size_t)t * B + b;
-      const float* s = tile + (size_t)b * kLanes;
-      const size_t next = (size_t)B * kLanes;
       float* d_a = rows + (size_t)b * G;
       const size_t i = (size_t)b * H + u;
       vf dh = load(x.d_hs + row * H + u) + load(x.dh + i);
       vf c = load(x.cs + row * H + u);
       vf c_prev = t == 0 ? load(x.c0 + i) : load(x.cs + (row - B) * H + u);
-      vf si = load(s), sf = load(s + next), sg = load(s + 2 * next), so = load(s + 3 * next);
+      vf si = s[0][b], sf = s[1][b], sg = s[2][b], so = s[3][b];
       vf th = tanh_(c);
       vf dc = load(x.dc + i) + dh * so * (1.0f - th * th);
       store(d_a + u, dc * (2.0f * sg - 1.0f) * si * (1.0f - si));
@@ -601,16 +607,16 @@ inline void GruBwdGates(const GruBwd& x, int t, float* rows, float* tile, int j0
   const size_t next = (size_t)B * kLanes;
   for (int u = j0 * kLanes; u < j1 * kLanes; u += kLanes) {
     const size_t block = (size_t)H * x.T * B;
-    for (int blk = 0; blk < 4; ++blk) GetBlock(x.res[blk], x.T, B, t, u, tile + blk * next);
+    Rows res[4];
+    for (int blk = 0; blk < 4; ++blk)
+      res[blk] = GetBlock(x.res[blk], x.T, B, t, u, tile + blk * next);
     for (int b = 0; b < B; ++b) {
       const size_t row = (size_t)t * B + b;
-      const float* res = tile + (size_t)b * kLanes;
       float* d_rec = rows + (size_t)b * ld;
       const size_t i = (size_t)b * H + u;
       vf dh = load(x.d_hs + row * H + u) + load(x.dh + i);
       vf h_prev = t == 0 ? load(x.h0 + i) : load(x.hs + (row - B) * H + u);
-      vf rg = load(res), zg = load(res + next), n = load(res + 2 * next);
-      vf rec_n = load(res + 3 * next);
+      vf rg = res[0][b], zg = res[1][b], n = res[2][b], rec_n = res[3][b];
       vf d_n = dh * (1.0f - zg) * (1.0f - n * n);
       store(d_rec + u, d_n * rec_n * rg * (1.0f - rg));
       store(d_rec + H + u, dh * (h_prev - n) * zg * (1.0f - zg));
