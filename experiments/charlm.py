@@ -458,7 +458,7 @@ def train_parser() -> argparse.ArgumentParser:
                  help="float32 | bfloat16: the training step's matmul operands (jaxrnn.rnn's "
                       "matmul_dtype; float32 accumulation and state). Evaluation stays float32. "
                       "On a CPU the float32 LSTM/GRU run the native loops, faster than bfloat16 "
-                      "through the scan (52,176 vs 42,694 chars/s on the default model)")
+                      "through the scan (about 50,000 vs 39,600 chars/s on the default model)")
   p.add_argument("--host-malloc", default="default",
                  help="default | hugepages: back XLA's per-step CPU buffers with transparent huge "
                       "pages (jaxrnn.host_memory; the script relaunches itself with "

@@ -446,22 +446,31 @@ void ForwardLoop(Pool& pool, int T, int B, int H, int threads, const Block (&res
   });
 }
 
-// The backward loop shared by the cells: for every step, from the last, each thread computes its
-// units' gate gradients into the step's `[B, 4H]` block of `rows` (`gates(t, rows, tile, j0, j1)`,
-// with a [4, B, 16] scratch `tile` of the thread's own for the gates it reads),
-// then, after a barrier (the block complete), its units of `dh_{t-1}` += the block's first G
-// columns times W. Two blocks in turn: a thread may start step t-1's gates while the other still
-// reads step t's.
+// The backward loop shared by the cells: for every step, from the last, each thread takes its
+// 16-unit chunks in turn: reads the chunk's four residual blocks `res` (GetBlock, into its own
+// [4][B, 16] scratch `tile` where they are gate-major), computes their gate gradients into the
+// step's `[B, 4H]` block of `rows` (`gates(t, u, res, rows)`), and writes those four columns
+// transposed into the gradient blocks `d` (gate-major [H, T, B] each: where the residuals are
+// gate-major too, the same buffers, over what was just read). After a barrier (the block
+// complete), its units of `dh_{t-1}` += the block's first G columns times W. Two blocks in turn:
+// a thread may start step t-1's gates while the other still reads step t's.
 template <bool kAdd, typename Pool, typename Gates>
-void BackwardLoop(Pool& pool, int T, int B, int H, int G, const float* W, float* rows, float* dh,
-                  int threads, Gates gates) {
+void BackwardLoop(Pool& pool, int T, int B, int H, int G, const float* W, const Block (&res)[4],
+                  const Block (&d)[4], float* rows, float* dh, int threads, Gates gates) {
   Parallel(pool, threads, [&](int p, int n, SpinBarrier& barrier) {
     int j0, j1;
     Share(H / kLanes, n, p, &j0, &j1);
     std::vector<float> tile(4 * (size_t)B * kLanes);
     for (int t = T - 1; t >= 0; --t) {
       float* block = rows + (size_t)(t & 1) * B * 4 * H;
-      gates(t, block, tile.data(), j0, j1);
+      for (int u = j0 * kLanes; u < j1 * kLanes; u += kLanes) {
+        Rows in[4];
+        for (int blk = 0; blk < 4; ++blk)
+          in[blk] = GetBlock(res[blk], T, B, t, u, tile.data() + (size_t)blk * B * kLanes);
+        gates(t, u, in, block);
+        for (int blk = 0; blk < 4; ++blk)
+          StoreTransposed(block, 4 * H, blk * H + u, B, T, t, u, d[blk].base);
+      }
       barrier.Wait();
       BwdGemm<kAdd>(block, B, 4 * H, G, W, H, dh, j0, j1);
     }
@@ -509,44 +518,33 @@ inline void LstmFwdTile(const LstmFwd& x, int t, int r0, int j, float* stage) {
 }
 
 struct LstmBwd {
-  int T, B, H;
-  const float* w;     // PackColumns(W [4H, H])
-  Block s[4];         // the gates i | f | g | o (gate-major: the buffer d_t overwrites)
+  int B, H;
   const float* cs;    // [T, B, H]
   const float* c0;    // [B, H]
   const float* d_hs;  // [T, B, H]
-  float* d_t;         // [4H, T, B]: d_a transposed, the layout the weight-gradient GEMMs read
-  float* rows;        // [2][B, 4H]: d_a_t row-major for the recurrent GEMM, two steps in turn
   float* dh;          // [B, H]: d_hT in, then (d_a_{t+1} W), finally dL/dh_0
   float* dc;          // [B, H]: d_cT in, carried, finally dL/dc_0
 };
 
-// Step t's gate gradients, rows [0, B), units [16 j0, 16 j1): into `rows`, then into `d_t`
-// (over the gates just read).
-inline void LstmBwdGates(const LstmBwd& x, int t, float* rows, float* tile, int j0, int j1) {
+// Step t's gate gradients for units [u, u + 16), rows [0, B), from the gates s (i | f | g | o)
+// into the step's block `rows` [B, 4H].
+inline void LstmBwdGates(const LstmBwd& x, int t, int u, const Rows (&s)[4], float* rows) {
   const int H = x.H, G = 4 * H, B = x.B;
-  for (int u = j0 * kLanes; u < j1 * kLanes; u += kLanes) {
-    Rows s[4];
-    for (int blk = 0; blk < 4; ++blk)
-      s[blk] = GetBlock(x.s[blk], x.T, B, t, u, tile + (size_t)blk * B * kLanes);
-    for (int b = 0; b < B; ++b) {
-      const size_t row = (size_t)t * B + b;
-      float* d_a = rows + (size_t)b * G;
-      const size_t i = (size_t)b * H + u;
-      vf dh = load(x.d_hs + row * H + u) + load(x.dh + i);
-      vf c = load(x.cs + row * H + u);
-      vf c_prev = t == 0 ? load(x.c0 + i) : load(x.cs + (row - B) * H + u);
-      vf si = s[0][b], sf = s[1][b], sg = s[2][b], so = s[3][b];
-      vf th = tanh_(c);
-      vf dc = load(x.dc + i) + dh * so * (1.0f - th * th);
-      store(d_a + u, dc * (2.0f * sg - 1.0f) * si * (1.0f - si));
-      store(d_a + H + u, dc * c_prev * sf * (1.0f - sf));
-      store(d_a + 2 * H + u, 4.0f * dc * si * sg * (1.0f - sg));
-      store(d_a + 3 * H + u, dh * th * so * (1.0f - so));
-      store(x.dc + i, dc * sf);
-    }
-    for (int blk = 0; blk < 4; ++blk)
-      StoreTransposed(rows, G, blk * H + u, B, x.T, t, blk * H + u, x.d_t);
+  for (int b = 0; b < B; ++b) {
+    const size_t row = (size_t)t * B + b;
+    float* d_a = rows + (size_t)b * G;
+    const size_t i = (size_t)b * H + u;
+    vf dh = load(x.d_hs + row * H + u) + load(x.dh + i);
+    vf c = load(x.cs + row * H + u);
+    vf c_prev = t == 0 ? load(x.c0 + i) : load(x.cs + (row - B) * H + u);
+    vf si = s[0][b], sf = s[1][b], sg = s[2][b], so = s[3][b];
+    vf th = tanh_(c);
+    vf dc = load(x.dc + i) + dh * so * (1.0f - th * th);
+    store(d_a + u, dc * (2.0f * sg - 1.0f) * si * (1.0f - si));
+    store(d_a + H + u, dc * c_prev * sf * (1.0f - sf));
+    store(d_a + 2 * H + u, 4.0f * dc * si * sg * (1.0f - sg));
+    store(d_a + 3 * H + u, dh * th * so * (1.0f - so));
+    store(x.dc + i, dc * sf);
   }
 }
 
@@ -590,42 +588,30 @@ inline void GruFwdTile(const GruFwd& x, int t, int r0, int j, float* stage) {
 }
 
 struct GruBwd {
-  int T, B, H;
-  const float* w;     // PackColumns(W [3H, H])
-  Block res[4];       // r | z | n | rec_n (gate-major: the buffers d_rec and d_n overwrite)
+  int B, H;
   const float* hs;    // [T, B, H]
   const float* h0;    // [B, H]
   const float* d_hs;  // [T, B, H]
-  float* d_rec;       // [3H, T, B]: d_r | d_z | d_n r, transposed (for W, bh, and U's d_r | d_z)
-  float* d_n;         // [H, T, B]: d_n, transposed (for U's n block and b_n)
-  float* rows;        // [2][B, 4H]: d_r | d_z | d_n r | d_n, row-major (d_rec_t: the first 3H)
   float* dh;          // [B, H]: d_hT in, then dh z + (d_rec W), finally dL/dh_0
 };
 
-inline void GruBwdGates(const GruBwd& x, int t, float* rows, float* tile, int j0, int j1) {
+// Step t's gradients for units [u, u + 16), rows [0, B), from the residuals r | z | n | rec_n
+// into the step's block `rows` [B, 4H] = d_r | d_z | d_n r | d_n (d_rec_t: the first 3H).
+inline void GruBwdGates(const GruBwd& x, int t, int u, const Rows (&res)[4], float* rows) {
   const int H = x.H, B = x.B, ld = 4 * H;
-  const size_t next = (size_t)B * kLanes;
-  for (int u = j0 * kLanes; u < j1 * kLanes; u += kLanes) {
-    const size_t block = (size_t)H * x.T * B;
-    Rows res[4];
-    for (int blk = 0; blk < 4; ++blk)
-      res[blk] = GetBlock(x.res[blk], x.T, B, t, u, tile + blk * next);
-    for (int b = 0; b < B; ++b) {
-      const size_t row = (size_t)t * B + b;
-      float* d_rec = rows + (size_t)b * ld;
-      const size_t i = (size_t)b * H + u;
-      vf dh = load(x.d_hs + row * H + u) + load(x.dh + i);
-      vf h_prev = t == 0 ? load(x.h0 + i) : load(x.hs + (row - B) * H + u);
-      vf rg = res[0][b], zg = res[1][b], n = res[2][b], rec_n = res[3][b];
-      vf d_n = dh * (1.0f - zg) * (1.0f - n * n);
-      store(d_rec + u, d_n * rec_n * rg * (1.0f - rg));
-      store(d_rec + H + u, dh * (h_prev - n) * zg * (1.0f - zg));
-      store(d_rec + 2 * H + u, d_n * rg);
-      store(d_rec + 3 * H + u, d_n);
-      store(x.dh + i, dh * zg);  // the GEMM adds d_rec W to it
-    }
-    for (int blk = 0; blk < 4; ++blk)
-      StoreTransposed(rows, ld, blk * H + u, B, x.T, t, u, blk < 3 ? x.d_rec + blk * block : x.d_n);
+  for (int b = 0; b < B; ++b) {
+    const size_t row = (size_t)t * B + b;
+    float* d_rec = rows + (size_t)b * ld;
+    const size_t i = (size_t)b * H + u;
+    vf dh = load(x.d_hs + row * H + u) + load(x.dh + i);
+    vf h_prev = t == 0 ? load(x.h0 + i) : load(x.hs + (row - B) * H + u);
+    vf rg = res[0][b], zg = res[1][b], n = res[2][b], rec_n = res[3][b];
+    vf d_n = dh * (1.0f - zg) * (1.0f - n * n);
+    store(d_rec + u, d_n * rec_n * rg * (1.0f - rg));
+    store(d_rec + H + u, dh * (h_prev - n) * zg * (1.0f - zg));
+    store(d_rec + 2 * H + u, d_n * rg);
+    store(d_rec + 3 * H + u, d_n);
+    store(x.dh + i, dh * zg);  // the GEMM adds d_rec W to it
   }
 }
 
@@ -721,13 +707,16 @@ ffi::Error LstmBackwardImpl(F32 w, F32 s, F32 cs, F32 c0, F32 d_hs, F32 dh_T, F3
   std::memcpy(dh0->typed_data(), dh_T.typed_data(), sizeof(float) * B * H);
   std::memcpy(dc0->typed_data(), dc_T.typed_data(), sizeof(float) * B * H);
   std::vector<float> rows(2 * (size_t)B * G), wc = PackColumns(w.typed_data(), G, H);
-  LstmBwd x{(int)T, (int)B, (int)H, wc.data(), {}, cs.typed_data(), c0.typed_data(),
-            d_hs.typed_data(), d_t->typed_data(), rows.data(), dh0->typed_data(),
-            dc0->typed_data()};
-  Blocks(const_cast<float*>(s.typed_data()), 4, H, T, B, gate_major, x.s);
-  BackwardLoop<false>(pool, x.T, x.B, x.H, 4 * x.H, x.w, x.rows, x.dh, Threads(threads, pool, H),
-                      [&](int t, float* rows, float* tile, int j0, int j1) {
-                        LstmBwdGates(x, t, rows, tile, j0, j1);
+  LstmBwd x{(int)B, (int)H, cs.typed_data(), c0.typed_data(), d_hs.typed_data(),
+            dh0->typed_data(), dc0->typed_data()};
+  Block res[4], d[4];
+  Blocks(const_cast<float*>(s.typed_data()), 4, H, T, B, gate_major, res);
+  Blocks(d_t->typed_data(), 4, H, T, B, /*gate_major=*/true, d);
+  BackwardLoop<false>(pool, (int)T, (int)B, (int)H, (int)G, wc.data(), res,
+                      d, rows.data(), x.dh,
+                      Threads(threads, pool, H),
+                      [&](int t, int u, const Rows (&s)[4], float* rows) {
+                        LstmBwdGates(x, t, u, s, rows);
                       });
   return ffi::Error::Success();
 }
@@ -771,14 +760,18 @@ ffi::Error GruBackwardImpl(F32 w, F32 res, F32 rec_n, F32 hs, F32 h0, F32 d_hs, 
     return err;
   std::memcpy(dh0->typed_data(), dh_T.typed_data(), sizeof(float) * B * H);
   std::vector<float> rows(2 * (size_t)B * 4 * H), wc = PackColumns(w.typed_data(), G, H);
-  GruBwd x{(int)T, (int)B, (int)H, wc.data(), {}, hs.typed_data(), h0.typed_data(),
-           d_hs.typed_data(), d_rec->typed_data(), d_n->typed_data(), rows.data(),
+  GruBwd x{(int)B, (int)H, hs.typed_data(), h0.typed_data(), d_hs.typed_data(),
            dh0->typed_data()};
-  Blocks(const_cast<float*>(res.typed_data()), 3, H, T, B, gate_major, x.res);
-  Blocks(const_cast<float*>(rec_n.typed_data()), 1, H, T, B, gate_major, x.res + 3);
-  BackwardLoop<true>(pool, x.T, x.B, x.H, 3 * x.H, x.w, x.rows, x.dh, Threads(threads, pool, H),
-                     [&](int t, float* rows, float* tile, int j0, int j1) {
-                       GruBwdGates(x, t, rows, tile, j0, j1);
+  Block in[4], d[4];
+  Blocks(const_cast<float*>(res.typed_data()), 3, H, T, B, gate_major, in);
+  Blocks(const_cast<float*>(rec_n.typed_data()), 1, H, T, B, gate_major, in + 3);
+  Blocks(d_rec->typed_data(), 3, H, T, B, /*gate_major=*/true, d);
+  Blocks(d_n->typed_data(), 1, H, T, B, /*gate_major=*/true, d + 3);
+  BackwardLoop<true>(pool, (int)T, (int)B, (int)H, (int)G, wc.data(), in,
+                     d, rows.data(), x.dh,
+                     Threads(threads, pool, H),
+                     [&](int t, int u, const Rows (&r)[4], float* rows) {
+                       GruBwdGates(x, t, u, r, rows);
                      });
   return ffi::Error::Success();
 }
