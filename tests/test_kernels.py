@@ -270,6 +270,53 @@ np.save(__import__("sys").argv[1], np.concatenate([np.ravel(x) for x in outs]))
   np.testing.assert_array_equal(out["1"], out["2"])
 
 
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="Linux CPU affinity")
+def test_loops_give_every_thread_its_cpu_affinity_back():
+  """The loops keep each of their threads on its own CPU during a call (two threads on one CPU
+  took turns at every step) and then restore what the thread had: afterwards every thread of the
+  process has the affinity it had before, a user's restriction included (with a single CPU
+  allowed nothing is pinned, and the results are the same)."""
+  code = """
+import os, sys
+import jax, jax.numpy as jnp, numpy as np
+from jaxrnn import kernels
+from jaxrnn.cells import gru, lstm
+if sys.argv[1] == "one":
+  os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
+p = lstm().init(jax.random.key(0), 8, 64)
+q = gru().init(jax.random.key(2), 8, 64)
+xs = jax.random.normal(jax.random.key(1), (6, 16, 8))
+z = jnp.zeros((16, 64))
+def masks():
+  return {t: os.sched_getaffinity(int(t)) for t in os.listdir("/proc/self/task")}
+def run():
+  hs, cs, s = kernels.lstm_forward(xs, p["U"], p["W"], p["b"] + p["bh"], z, z)
+  d = kernels.lstm_backward(p["W"], s, cs, z, jnp.ones_like(hs), z, z)
+  ghs, res, rec_n = kernels.gru_forward(xs, q["U"], q["W"], q["b"], q["bh"], z)
+  e = kernels.gru_backward(q["W"], res, rec_n, ghs, z, jnp.ones_like(ghs), z)
+  return np.concatenate([np.ravel(x) for x in (hs, cs, s, *d, ghs, res, rec_n, *e)])
+before = masks()  # XLA's threads exist once the arrays above do
+first = run()
+again = [run() for _ in range(5)]
+after = masks()
+changed = [t for t in before if t in after and before[t] != after[t]]
+print(len(before), len(changed), all(np.array_equal(first, a) for a in again))
+np.save(sys.argv[2], first)
+"""
+  out = {}
+  for mode in ("all", "one"):
+    path = os.path.join(os.environ.get("TMPDIR", "/tmp"), f"jaxrnn_affinity_{os.getpid()}_{mode}.npy")
+    env = dict(os.environ, JAXRNN_THREADS="2")
+    proc = subprocess.run([sys.executable, "-c", code, mode, path], env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    threads, changed, same = proc.stdout.split()[-3:]
+    assert int(threads) > 2 and changed == "0" and same == "True", proc.stdout
+    out[mode] = np.load(path)
+    os.unlink(path)
+  np.testing.assert_array_equal(out["all"], out["one"])
+
+
 def test_concurrent_calls_finish_and_agree():
   """Several JAX computations running the loops at once (Python threads): each call's helper
   threads come from XLA's pool, which the other calls may occupy; a call must not wait for a

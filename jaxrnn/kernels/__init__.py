@@ -7,7 +7,8 @@ The cells in `jaxrnn.cells` are the definitions; `jaxrnn.scan` / `jaxrnn.backwar
 with `lax.scan`. For the LSTM and the GRU on CPU, the forward and manual-backward loops also
 exist as one C++ loop each (`cells_cpu.cc`), which compute the same numbers (tests/test_kernels.py)
 with `U` and `W` packed once per sequence, `U x_t` and `W h_{t-1}` accumulated in one register
-tile, the gate arithmetic on the accumulators, and the hidden units split between threads;
+tile, the gate arithmetic on the accumulators, and the hidden units split between threads (each on
+its own CPU for the call);
 `jaxrnn.backward.input_recurrence` (every manual-backward layer of `jaxrnn.rnn`) uses them where
 `applies`.
 
