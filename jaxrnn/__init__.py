@@ -4,7 +4,8 @@ Modules:
   cells     the recurrences (Elman, LSTM, GRU) behind one `Cell` interface
   scan      unrolling a cell in time with `lax.scan`
   backward  the manual BPTT engine and its `jax.custom_vjp`
-  kernels   native CPU loops for the LSTM and GRU (C++ via the XLA FFI), used by `rnn` on CPU
+  kernels   native CPU loops for the Elman cell, LSTM and GRU (C++ via the XLA FFI), used by `rnn`
+            on CPU
   elman     the seed's Elman network: init / step / forward / loss / manual_value_and_grad
   losses    per-step losses and their hand-derived gradients
   train     jitted Optax training steps

@@ -163,11 +163,11 @@ def input_recurrence(cell: Cell, params: dict, xs: jax.Array, carry0: Carry,
   """`recurrence` with the input projection: `xs [T, B, D]` (time-major) -> `(hs [T, B, H],
   carry_T)`, differentiable through the manual backward pass, with respect to `xs` too.
 
-  Where `jaxrnn.kernels.applies` (the LSTM or GRU, float32, no mask, `H % 16 == 0`, a C++
-  compiler on the machine) and the trace is lowered for CPU, the forward and backward loops are
-  the native ones of `jaxrnn.kernels`, which fuse `U x_t` into the step's GEMM; otherwise (and on
-  GPU/TPU, chosen by `lax.platform_dependent` at lowering) this is `project_time_major` +
-  `recurrence`.
+  Where `jaxrnn.kernels.applies` (the Elman cell, LSTM or GRU, float32, no mask, `H % 16 == 0` (64
+  for the Elman cell), a C++ compiler on the machine) and the trace is lowered for CPU, the forward
+  and backward loops are the native ones of `jaxrnn.kernels`, which fuse `U x_t` into the step's
+  GEMM; otherwise (and on GPU/TPU, chosen by `lax.platform_dependent` at lowering) this is
+  `project_time_major` + `recurrence`.
 
   Args:
     cell, carry0, mask, unroll, matmul_dtype: as for `recurrence`.
@@ -177,9 +177,12 @@ def input_recurrence(cell: Cell, params: dict, xs: jax.Array, carry0: Carry,
   if not kernels.applies(cell, params, xs, carry0, mask, matmul_dtype):
     a = project_time_major(params, xs, matmul_dtype)
     return recurrence(cell, params, a, carry0, mask, unroll, matmul_dtype)
-  native = {"lstm": _native_lstm, "gru": _native_gru}[cell.kernel]
+  family = kernels.kernel_name(cell)
+  native = {"lstm": _native_lstm, "gru": _native_gru}.get(family)
+  if family == "elman":
+    native = functools.partial(_native_elman, cell.kernel[len("elman_"):])
   scan = functools.partial(_scan_path, cell, unroll)
-  cell_params = {k: params[k] for k in ("U", "W", "b", "bh")}
+  cell_params = {k: params[k] for k in ("U", "W", "b", "bh") if k in params}
   return jax.lax.platform_dependent(cell_params, xs, tuple(carry0), cpu=native, default=scan)
 
 
@@ -195,6 +198,34 @@ def _scan_path(cell, unroll, params, xs, carry0):
 def _h_prev(h0, hs):
   """`h_{t-1}` for every t (`_shift_prev`), flattened over `(t, b)`: `[T B, H]`."""
   return _shift_prev((h0,), (hs,))[0].reshape(-1, hs.shape[-1])
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _native_elman(activation, params, xs, carry0):
+  return _native_elman_fwd(activation, params, xs, carry0)[0]
+
+
+def _native_elman_fwd(activation, params, xs, carry0):
+  (h0,) = carry0
+  bias = params["b"] + params["bh"] if "bh" in params else params["b"]
+  hs = kernels.elman_forward(xs, params["U"], params["W"], bias, h0, activation)
+  return (hs, (hs[-1],)), (params, xs, h0, hs)
+
+
+def _native_elman_bwd(activation, residuals, cotangents):
+  params, xs, h0, hs = residuals
+  d_hs, (dh_T,) = cotangents
+  d_t, dh0 = kernels.elman_backward(params["W"], hs, d_hs, dh_T, activation)
+  d_a = d_t.reshape(d_t.shape[0], -1)                 # [H, T B]: delta_t for U, b, W, bh alike
+  db = jnp.sum(d_a, axis=1)
+  d_params = {"U": d_a @ xs.reshape(-1, xs.shape[-1]), "W": d_a @ _h_prev(h0, hs), "b": db}
+  if "bh" in params:
+    d_params["bh"] = db
+  d_xs = (d_a.T @ params["U"]).reshape(xs.shape)
+  return d_params, d_xs, (dh0,)
+
+
+_native_elman.defvjp(_native_elman_fwd, _native_elman_bwd)
 
 
 @jax.custom_vjp

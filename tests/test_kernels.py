@@ -18,7 +18,7 @@ import pytest
 
 from jaxrnn import kernels, rnn
 from jaxrnn.backward import recurrent_scan_bwd
-from jaxrnn.cells import gru, lstm
+from jaxrnn.cells import elman, gru, lstm
 from jaxrnn.scan import recurrent_scan
 
 from conftest import rel_err
@@ -48,7 +48,7 @@ def _inputs(cell, b, t, d, h, seed=0):
 
 
 def _custom_calls(text):
-  return set(re.findall(r"jaxrnn_(?:lstm|gru)_(?:forward|backward)", text))
+  return set(re.findall(r"jaxrnn_(?:elman|lstm|gru)_(?:forward|backward)", text))
 
 
 def _forward(cell, params, xs, h0, c0):
@@ -129,30 +129,92 @@ def _grads(spec, backward, **kw):
     return rnn.loss(spec, params, xs, ys, carry0, backward=backward, **kw)
   return jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
 
+# The Elman loops: H a multiple of 64 (the tile takes 16 units from each quarter of H); with and
+# without the second bias; every activation; gate-major output from 1 to 32 rows.
+ELMAN_SHAPES = [(3, 7, 5, 64), (1, 9, 1, 128), (19, 4, 3, 64), (32, 5, 7, 128)]
 
-@pytest.mark.parametrize("cell", ["lstm", "gru"])
-@pytest.mark.parametrize("b,t,d,h", SHAPES[:4])     # row-major residuals, and gate-major (b = 19)
-def test_loss_gradients_equal_autodiff_params_inputs_and_state(cell, b, t, d, h):
+
+def _elman_inputs(f, b, t, d, h, two_biases, seed=0):
+  cell = elman(f, two_biases=two_biases)
+  ks = jax.random.split(jax.random.key(seed), 3)
+  params = cell.init(ks[0], d, h)
+  return cell, params, jax.random.normal(ks[1], (t, b, d)), 0.5 * jax.random.normal(ks[2], (b, h))
+
+
+@pytest.mark.parametrize("f,two_biases", [("tanh", False), ("sigmoid", True), ("relu", False)])
+@pytest.mark.parametrize("b,t,d,h", ELMAN_SHAPES)
+def test_elman_forward_matches_numpy_reference(f, two_biases, b, t, d, h):
+  _, params, xs, h0 = _elman_inputs(f, b, t, d, h, two_biases)
+  bias = params["b"] + params["bh"] if two_biases else params["b"]
+  hs = jax.jit(functools.partial(kernels.elman_forward, activation=f))(
+      xs, params["U"], params["W"], bias, h0)
+  assert hs.shape == (t, b, h)
+  for i in range(b):
+    want, _ = reference.cell_loop(f, params, xs[:, i], h0[i])
+    np.testing.assert_allclose(hs[:, i], want, rtol=0, atol=2e-6)
+
+
+@pytest.mark.parametrize("f,two_biases", [("tanh", True), ("sigmoid", False), ("relu", False)])
+@pytest.mark.parametrize("b,t,d,h", ELMAN_SHAPES)
+def test_elman_backward_matches_scan_backward(f, two_biases, b, t, d, h):
+  cell, params, xs, h0 = _elman_inputs(f, b, t, d, h, two_biases)
+  a = jnp.einsum("tbd,gd->tbg", xs, params["U"], precision="highest")
+  _, _, saved = recurrent_scan(cell, params, a, (h0,))
+  ks = jax.random.split(jax.random.key(1), 2)
+  d_hs = jax.random.normal(ks[0], (t, b, h))
+  dh_T = jax.random.normal(ks[1], (b, h))
+  d_rec, want_da, (want_dh0,) = recurrent_scan_bwd(cell, params, a, (h0,), None, saved, d_hs,
+                                                   (dh_T,))
+  d_t, dh0 = jax.jit(functools.partial(kernels.elman_backward, activation=f))(
+      params["W"], saved.carries[0], d_hs, dh_T)
+  assert d_t.shape == (h, t, b)
+  assert rel_err(jnp.transpose(d_t, (1, 2, 0)), want_da) < 1e-5
+  h_prev = jnp.concatenate([h0[None], saved.carries[0][:-1]]).reshape(t * b, h)
+  assert rel_err(d_t.reshape(h, t * b) @ h_prev, d_rec["W"]) < 1e-5
+  assert rel_err(dh0, want_dh0) < 1e-5
+
+
+def test_elman_kernel_rejects_a_bad_activation_by_name():
+  xs, z = jnp.ones((2, 1, 3)), jnp.zeros((1, 64))
+  with pytest.raises(ValueError, match=r"activation must be one of \['relu', 'sigmoid', "
+                                       r"'tanh'\]; got 'gelu'"):
+    kernels.elman_forward(xs, jnp.ones((64, 3)), jnp.ones((64, 64)), jnp.zeros(64), z, "gelu")
+
+
+
+# By name: the cell, the loop family. Elman with and without the second bias.
+GRAD_CELLS = {"lstm": ("lstm", "lstm"), "gru": ("gru", "gru"),
+              "elman_tanh": (elman("tanh"), "elman"),
+              "elman_relu_two_biases": (elman("relu", two_biases=True), "elman")}
+
+
+# LSTM and GRU: row-major residuals, and gate-major (b = 19).
+@pytest.mark.parametrize("name,b,t,d,h",
+                         [(c, *shape) for c in ("lstm", "gru") for shape in SHAPES[:4]]
+                         + [("elman_tanh", 3, 7, 5, 64), ("elman_relu_two_biases", 19, 4, 3, 64)])
+def test_loss_gradients_equal_autodiff_params_inputs_and_state(name, b, t, d, h):
+  cell, family = GRAD_CELLS[name]
   spec = rnn.rnn(cell, d, h, output_size=3)
   params = rnn.init(jax.random.key(2), spec)
   ks = jax.random.split(jax.random.key(3), 4)
   xs = jax.random.normal(ks[0], (b, t, d))
   ys = jax.random.normal(ks[1], (b, t, 3))
   carry0 = (jax.random.normal(ks[2], (1, b, h)), jax.random.normal(ks[3], (1, b, h)))
-  carry0 = carry0 if cell == "lstm" else carry0[0]
+  carry0 = carry0 if family == "lstm" else carry0[0]
   manual = _grads(spec, "manual")
   assert _custom_calls(manual.lower(params, xs, carry0, ys).as_text()) == {
-      f"jaxrnn_{cell}_forward", f"jaxrnn_{cell}_backward"}
+      f"jaxrnn_{family}_forward", f"jaxrnn_{family}_backward"}
   got = manual(params, xs, carry0, ys)
   want = _grads(spec, "autodiff")(params, xs, carry0, ys)
+  assert jax.tree.structure(got) == jax.tree.structure(want)
   for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
     assert rel_err(g, w) < 1e-5
 
 
-@pytest.mark.parametrize("cell", ["lstm", "gru"])
-@pytest.mark.parametrize("b", [2, 16])                             # row-major, gate-major
-def test_stack_bidirectional_and_vmap_equal_autodiff(cell, b):
-  spec = rnn.rnn(cell, 4, 16, num_layers=2, bidirectional=True, output_size=2)
+@pytest.mark.parametrize("cell,b,h", [("lstm", 2, 16), ("lstm", 16, 16),  # row-major, gate-major
+                                      ("gru", 2, 16), ("gru", 16, 16), ("elman", 2, 64)])
+def test_stack_bidirectional_and_vmap_equal_autodiff(cell, b, h):
+  spec = rnn.rnn(cell, 4, h, num_layers=2, bidirectional=True, output_size=2)
   params = rnn.init(jax.random.key(4), spec)
   xs = jax.random.normal(jax.random.key(5), (3, b, 6, 4))        # a vmapped axis of 3
   ys = jax.random.normal(jax.random.key(6), (3, b, 6, 2))
@@ -181,10 +243,11 @@ def test_apply_uses_the_native_forward_and_matches_the_reference(cell):
 
 
 @pytest.mark.parametrize("case", ["mask", "hidden_not_multiple_of_16", "matmul_dtype",
-                                  "float64", "no_library", "elman", "autodiff", "own_pointwise"])
+                                  "float64", "no_library", "elman_hidden_not_multiple_of_64",
+                                  "autodiff", "own_pointwise"])
 def test_falls_back_to_the_scan_where_the_kernel_does_not_apply(case, monkeypatch):
-  h = 20 if case == "hidden_not_multiple_of_16" else 16
-  cell = "elman" if case == "elman" else "lstm"
+  h = {"hidden_not_multiple_of_16": 20, "elman_hidden_not_multiple_of_64": 48}.get(case, 16)
+  cell = "elman" if case.startswith("elman") else "lstm"
   if case == "own_pointwise":  # same math, but a user's function: the loop must not stand in
     cell = lstm()._replace(pointwise=lambda a, r, carry: lstm().pointwise(a, r, carry))
   spec = rnn.rnn(cell, 3, h, output_size=2)
@@ -223,10 +286,10 @@ def test_the_backward_writes_its_gradients_over_the_forward_residuals(cell):
   assert compiled.memory_analysis().temp_size_in_bytes < gates + 5 * states
 
 
-@pytest.mark.parametrize("cell", ["lstm", "gru"])
+@pytest.mark.parametrize("cell", ["elman", "lstm", "gru"])
 def test_lowered_for_gpu_the_same_function_is_the_scan(cell):
   """`lax.platform_dependent`: a trace exported for CUDA carries no CPU custom call."""
-  spec = rnn.rnn(cell, 3, 16, output_size=2)
+  spec = rnn.rnn(cell, 3, 64 if cell == "elman" else 16, output_size=2)
   params = rnn.init(jax.random.key(12), spec)
   xs, ys = jnp.ones((2, 4, 3)), jnp.ones((2, 4, 2))
   f = jax.jit(jax.grad(lambda p: rnn.loss(spec, p, xs, ys)))
@@ -245,7 +308,7 @@ def test_one_and_two_threads_give_identical_results():
   code = """
 import jax, numpy as np
 from jaxrnn import kernels
-from jaxrnn.cells import gru, lstm
+from jaxrnn.cells import elman, gru, lstm
 p = lstm().init(jax.random.key(0), 8, 64)
 xs = jax.random.normal(jax.random.key(1), (6, 16, 8))
 z = np.zeros((16, 64), np.float32)
@@ -254,8 +317,12 @@ d = kernels.lstm_backward(p["W"], s, cs, z, jax.numpy.ones_like(hs), z, z)
 q = gru().init(jax.random.key(2), 8, 64)
 ghs, res, rec_n = kernels.gru_forward(xs, q["U"], q["W"], q["b"], q["bh"], z)
 e = kernels.gru_backward(q["W"], res, rec_n, ghs, z, jax.numpy.ones_like(ghs), z)
+r = elman().init(jax.random.key(3), 8, 128)  # two 64-unit tiles: one per thread
+z2 = np.zeros((16, 128), np.float32)
+ehs = kernels.elman_forward(xs, r["U"], r["W"], r["b"], z2)
+f = kernels.elman_backward(r["W"], ehs, jax.numpy.ones_like(ehs), z2)
 print(kernels.threads_for(16, 64))
-outs = (hs, cs, s, *d, ghs, res, rec_n, *e)
+outs = (hs, cs, s, *d, ghs, res, rec_n, *e, ehs, *f)
 np.save(__import__("sys").argv[1], np.concatenate([np.ravel(x) for x in outs]))
 """
   out = {}
@@ -305,7 +372,8 @@ np.save(sys.argv[2], first)
 """
   out = {}
   for mode in ("all", "one"):
-    path = os.path.join(os.environ.get("TMPDIR", "/tmp"), f"jaxrnn_affinity_{os.getpid()}_{mode}.npy")
+    path = os.path.join(os.environ.get("TMPDIR", "/tmp"),
+                        f"jaxrnn_affinity_{os.getpid()}_{mode}.npy")
     env = dict(os.environ, JAXRNN_THREADS="2")
     proc = subprocess.run([sys.executable, "-c", code, mode, path], env=env, capture_output=True,
                           text=True, timeout=300)
@@ -367,6 +435,9 @@ def test_bad_shapes_are_rejected_by_the_kernel():
   with pytest.raises(Exception, match="gru kernel: expected H a positive multiple of 16"):
     kernels.gru_forward(x, jnp.ones((60, 4)), jnp.ones((60, 20)), jnp.ones(60), jnp.ones(60),
                         jnp.ones((3, 20)))
+  with pytest.raises(Exception, match="elman kernel: expected H a positive multiple of 64"):
+    kernels.elman_forward(x, jnp.ones((48, 4)), jnp.ones((48, 48)), jnp.ones(48),
+                          jnp.ones((3, 48)))
   # Residuals in the other layout than the batch size implies (gate-major from 16 rows on).
   t, b, h = 3, 16, 16
   state, w = jnp.ones((b, h)), jnp.ones((4 * h, h))

@@ -40,4 +40,5 @@ def elman(f: str = "tanh", *, two_biases: bool = False) -> Cell:
     delta = dh * act.grad_from_output(h)
     return delta, None, (jnp.zeros_like(dh),)
 
-  return Cell(f"elman_{f}", 1, 1, init, pointwise, pointwise_bwd)
+  pointwise.native_kernel = f"elman_{f}"  # what jaxrnn/kernels/cells_cpu.cc implements
+  return Cell(f"elman_{f}", 1, 1, init, pointwise, pointwise_bwd, kernel=f"elman_{f}")

@@ -1,10 +1,11 @@
 """Native CPU kernels for the sequential loops, called through the XLA FFI (`jax.ffi`).
 
-Shape legend: `T` time, `B` batch, `D` input, `H` hidden, `G = num_blocks * H` (4 for the LSTM,
-3 for the GRU); time-major `[T, B, ...]`.
+Shape legend: `T` time, `B` batch, `D` input, `H` hidden, `G = num_blocks * H` (1 for the Elman
+cell, 4 for the LSTM, 3 for the GRU); time-major `[T, B, ...]`.
 
 The cells in `jaxrnn.cells` are the definitions; `jaxrnn.scan` / `jaxrnn.backward` unroll them
-with `lax.scan`. For the LSTM and the GRU on CPU, the forward and manual-backward loops also
+with `lax.scan`. For the Elman cell, the LSTM and the GRU on CPU, the forward and manual-backward
+loops also
 exist as one C++ loop each (`cells_cpu.cc`), which compute the same numbers (tests/test_kernels.py)
 with `U` and `W` packed once per sequence, `U x_t` and `W h_{t-1}` accumulated in one register
 tile, the gate arithmetic on the accumulators, and the hidden units split between threads (each on
@@ -35,7 +36,8 @@ import jax.numpy as jnp
 import numpy as np
 
 _SOURCE = Path(__file__).with_name("cells_cpu.cc")
-_TARGETS = ("JaxrnnLstmForward", "JaxrnnLstmBackward", "JaxrnnGruForward", "JaxrnnGruBackward")
+_TARGETS = ("JaxrnnElmanForward", "JaxrnnElmanBackward", "JaxrnnLstmForward", "JaxrnnLstmBackward",
+            "JaxrnnGruForward", "JaxrnnGruBackward")
 _FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-fno-math-errno")
 LANES = 16  # H must be a multiple of this (one vector of floats)
 
@@ -146,7 +148,12 @@ def threads_for(batch: int, hidden: int) -> int:
   return max(1, min(cpus or 1, hidden // LANES))
 
 
-BLOCKS = {"lstm": 4, "gru": 3}
+BLOCKS = {"elman": 1, "lstm": 4, "gru": 3}
+# H must be a multiple of this for the cell's loops: 16 units per vector, and the Elman tile takes
+# 16 units from each quarter of H (its one gate block alone would fill a quarter of the tile).
+UNITS = {"elman": 4 * LANES, "lstm": LANES, "gru": LANES}
+# The Elman loops' activation attribute (jaxrnn/kernels/cells_cpu.cc, `Activation`).
+ACTIVATIONS = {"tanh": 0, "sigmoid": 1, "relu": 2}
 
 # From this batch size on, the forward keeps its residuals gate-major, `[k H, T, B]`, and the
 # backward writes its gradients over them (one such array per training step instead of two: GRU
@@ -177,32 +184,42 @@ def _check_residual(fn: str, name: str, value: jax.Array, batch: int, time: int,
                      f"forward returns it); got {tuple(value.shape)}.")
 
 
+def kernel_name(cell) -> Optional[str]:
+  """The loop family of one of the library's cells ("elman", "lstm" or "gru"), else None."""
+  kernel = cell.kernel or ""
+  return "elman" if kernel.startswith("elman_") else kernel if kernel in BLOCKS else None
+
+
 def applies(cell, params: dict, xs: jax.Array, carry0, mask, matmul_dtype) -> bool:
   """Whether `jaxrnn.backward.input_recurrence` may run this call through the native loops.
 
-  Static (trace-time) conditions: one of the library's LSTM or GRU cells (`cell.kernel`, with
-  the `pointwise` function the loop implements, which carries a `native_kernel` mark), no mask,
-  no `matmul_dtype`, float32 time-major `xs [T, B, D]` (T, B, D >= 1), `U [G, D]`, `W [G, H]`,
-  `b`, `bh [G]` and carry `[B, H]`, with `H` a multiple of 16, and the library built (see
+  Static (trace-time) conditions: one of the library's Elman (tanh, sigmoid or ReLU), LSTM or GRU
+  cells (`cell.kernel`, with the `pointwise` function the loop implements, which carries a
+  `native_kernel` mark), no mask, no `matmul_dtype`, float32 time-major `xs [T, B, D]`
+  (T, B, D >= 1), `U [G, D]`, `W [G, H]`, `b [G]`, `bh [G]` (optional for the Elman cell) and
+  carry `[B, H]`, with `H` a multiple of 16 (64 for the Elman cell), and the library built (see
   `library`). The platform is decided later, at lowering, by `lax.platform_dependent`: on
   anything but CPU the same call is the `lax.scan` path.
   """
-  if cell.kernel not in BLOCKS or mask is not None or matmul_dtype is not None:
+  family = kernel_name(cell)
+  if family is None or mask is not None or matmul_dtype is not None:
     return False
   if getattr(cell.pointwise, "native_kernel", None) != cell.kernel:
     return False  # e.g. lstm()._replace(pointwise=...): the loop would not compute that cell
-  carry_size = 2 if cell.kernel == "lstm" else 1
+  carry_size = 2 if family == "lstm" else 1
   if xs.ndim != 3 or min(xs.shape) < 1 or len(carry0) != carry_size:
     return False
   W = params.get("W")
-  arrays = [xs, params.get("U"), W, params.get("b"), params.get("bh"), *carry0]
+  has_bh = "bh" in params or family != "elman"
+  arrays = [xs, params.get("U"), W, params.get("b"), *carry0]
+  arrays += [params.get("bh")] if has_bh else []
   if any(x is None or x.dtype != jnp.float32 for x in arrays):
     return False
   T, B, D = xs.shape
   G, H = W.shape
-  if H % LANES or G != BLOCKS[cell.kernel] * H or params["U"].shape != (G, D):
+  if H % UNITS[family] or G != BLOCKS[family] * H or params["U"].shape != (G, D):
     return False
-  if params["b"].shape != (G,) or params["bh"].shape != (G,):
+  if params["b"].shape != (G,) or (has_bh and params["bh"].shape != (G,)):
     return False
   if any(c.shape != (B, H) for c in carry0):
     return False
@@ -212,6 +229,42 @@ def applies(cell, params: dict, xs: jax.Array, carry0, mask, matmul_dtype) -> bo
 def _require_library() -> None:
   if library() is None:
     raise RuntimeError(f"jaxrnn's native kernels are not available: {build_error()}")
+
+
+def _activation(activation: str) -> np.int64:
+  if activation not in ACTIVATIONS:
+    raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}; got {activation!r}.")
+  return np.int64(ACTIVATIONS[activation])
+
+
+def elman_forward(xs: jax.Array, U: jax.Array, W: jax.Array, bias: jax.Array, h0: jax.Array,
+                  activation: str = "tanh") -> jax.Array:
+  """The Elman forward loop with its input projection: `xs [T, B, D]`, `U [H, D]`, `W [H, H]`,
+  `bias [H]` (`b`, plus `bh` where the cell has it), `h0 [B, H]` -> `hs [T, B, H]`, with
+  `h_t = f(U x_t + W h_{t-1} + bias)` and `f` the `activation` ("tanh", "sigmoid" or "relu").
+  `H` a multiple of 64. CPU only. The backward needs nothing else: `f'` is written from `h_t`."""
+  _require_library()
+  T, B, _ = xs.shape
+  H = W.shape[1]
+  act = _activation(activation)
+  return jax.ffi.ffi_call("jaxrnn_elman_forward", jax.ShapeDtypeStruct((T, B, H), jnp.float32),
+                          vmap_method="sequential")(
+      xs, U, W, bias, h0, threads=np.int64(threads_for(B, H)), activation=act)
+
+
+def elman_backward(W: jax.Array, hs: jax.Array, d_hs: jax.Array, dh_T: jax.Array,
+                   activation: str = "tanh") -> tuple[jax.Array, jax.Array]:
+  """The Elman manual-backward loop: from `elman_forward`'s `hs [T, B, H]`, the output cotangent
+  `d_hs [T, B, H]` and the final state's `dh_T [B, H]` -> `delta^T [H, T, B]` (`delta_t =
+  dL/dz_t = (d_hs[t] + delta_{t+1} W) f'(h_t)`, which is `dL/da_t` and `dL/db` per step,
+  transposed: the layout in which the weight gradients' GEMMs read it without a copy) and
+  `dh_0 [B, H]`."""
+  _require_library()
+  T, B, H = hs.shape
+  act = _activation(activation)
+  out = (jax.ShapeDtypeStruct((H, T, B), jnp.float32), jax.ShapeDtypeStruct((B, H), jnp.float32))
+  return jax.ffi.ffi_call("jaxrnn_elman_backward", out, vmap_method="sequential")(
+      W, hs, d_hs, dh_T, threads=np.int64(threads_for(B, H)), activation=act)
 
 
 def lstm_forward(xs: jax.Array, U: jax.Array, W: jax.Array, bias: jax.Array, h0: jax.Array,

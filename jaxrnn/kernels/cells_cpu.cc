@@ -1,14 +1,17 @@
-// The LSTM and GRU recurrences as fused CPU loops, called from JAX through the XLA FFI.
+// The Elman, LSTM and GRU recurrences as fused CPU loops, called from JAX through the XLA FFI.
 //
 // Shape legend: T time, B batch, D input, H hidden; gate blocks in PyTorch's order, LSTM
-// (i | f | g | o), GRU (r | z | n). The reference definitions are `jaxrnn.cells.lstm` and
-// `jaxrnn.cells.gru` (pointwise and pointwise_bwd), unrolled by `jaxrnn.scan.recurrent_scan` /
-// `jaxrnn.backward.recurrent_scan_bwd`; these loops compute the same numbers
-// (tests/test_kernels.py checks them against it and against NumPy) with what XLA:CPU cannot do
-// from a scan body: `U` and `W` packed once per sequence instead of once per step, `U x_t` and
+// (i | f | g | o), GRU (r | z | n). The reference definitions are `jaxrnn.cells.elman`,
+// `jaxrnn.cells.lstm` and `jaxrnn.cells.gru` (pointwise and pointwise_bwd), unrolled by
+// `jaxrnn.scan.recurrent_scan` / `jaxrnn.backward.recurrent_scan_bwd`; these loops compute the
+// same numbers (tests/test_kernels.py checks them against it and against NumPy) with what
+// XLA:CPU cannot do from a scan body: `U` and `W` packed once per sequence instead of once per step, `U x_t` and
 // `W h_{t-1}` accumulated in one register tile, the gate arithmetic done on the accumulators, and
 // the hidden units split between threads, each on its own CPU, that meet at one barrier per step.
 //
+// Elman forward, per step: h_t = f(U x_t + b + W h_{t-1} (+ bh)), f = tanh, sigmoid or relu.
+// Elman backward, per step t = T-1 .. 0: delta_t = (d_hs[t] + delta_{t+1} W) f'(h_t), f' from h_t
+//   (tanh: 1 - h_t^2), kept transposed [H, T, B] for the weight gradients.
 // LSTM forward, per step (z = U x_t + b + W h_{t-1} + bh, the g block scaled by 2):
 //   s_t = sigmoid(scale * z)  [B, 4H] (kept gate-major, [4H, T, B]); i, f, o = blocks of s;
 //   g = 2 s_g - 1 (= tanh(z_g))
@@ -38,6 +41,7 @@
 #include <cstring>
 #include <string>
 #include <thread>
+#include <type_traits>
 #include <vector>
 
 #include "xla/ffi/api/ffi.h"
@@ -482,11 +486,12 @@ inline void PutBlock(const Block& k, const float* stage, int T, int B, int t, in
 
 // The forward loop shared by the cells: for every step, after a barrier (h_{t-1} complete), each
 // thread runs `tile<R>(t, r0, j, stage)` over its 16-unit chunks j and the batch in 4-row tiles;
-// the tiles leave the chunk's four residual blocks in `stage` [4][B, 16] (the thread's own), which
-// then go to the residual blocks `res`, gate-major ones in whole rows of B (written 4 rows at a
-// time, 16 units 16 KB apart, the char-LM forward loop ran 1.7x slower).
+// the tiles leave the chunk's `nres` residual blocks (4, or none for the Elman cell) in `stage`
+// [4][B, 16] (the thread's own), which then go to the residual blocks `res`, gate-major ones in
+// whole rows of B (written 4 rows at a time, 16 units 16 KB apart, the char-LM forward loop ran
+// 1.7x slower).
 template <typename Pool, typename Tile4, typename Tile1>
-void ForwardLoop(Pool& pool, int T, int B, int H, int threads, const Block (&res)[4],
+void ForwardLoop(Pool& pool, int T, int B, int H, int threads, int nres, const Block (&res)[4],
                  Tile4 tile4, Tile1 tile1) {
   Parallel(pool, threads, [&](int p, int n, SpinBarrier& barrier) {
     int j0, j1;
@@ -498,7 +503,7 @@ void ForwardLoop(Pool& pool, int T, int B, int H, int threads, const Block (&res
         int r = 0;
         for (; r + 4 <= B; r += 4) tile4(t, r, j, stage.data());
         for (; r < B; ++r) tile1(t, r, j, stage.data());
-        for (int blk = 0; blk < 4; ++blk)
+        for (int blk = 0; blk < nres; ++blk)
           PutBlock(res[blk], stage.data() + (size_t)blk * B * kLanes, T, B, t, j * kLanes);
       }
     }
@@ -506,16 +511,17 @@ void ForwardLoop(Pool& pool, int T, int B, int H, int threads, const Block (&res
 }
 
 // The backward loop shared by the cells: for every step, from the last, each thread takes its
-// 16-unit chunks in turn: reads the chunk's four residual blocks `res` (GetBlock, into its own
+// 16-unit chunks in turn: reads the chunk's `nres` residual blocks `res` (GetBlock, into its own
 // [4][B, 16] scratch `tile` where they are gate-major), computes their gate gradients into the
-// step's `[B, 4H]` block of `rows` (`gates(t, u, res, rows)`), and writes those four columns
-// transposed into the gradient blocks `d` (gate-major [H, T, B] each: where the residuals are
-// gate-major too, the same buffers, over what was just read). After a barrier (the block
-// complete), its units of `dh_{t-1}` += the block's first G columns times W. Two blocks in turn:
-// a thread may start step t-1's gates while the other still reads step t's.
+// step's `[B, 4H]` block of `rows` (`gates(t, u, res, rows)`), and writes the first `nd` of those
+// columns transposed into the gradient blocks `d` (gate-major [H, T, B] each: where the residuals
+// are gate-major too, the same buffers, over what was just read). After a barrier (the block
+// complete), its units of `dh_{t-1}` += the block's first G columns times W. Two blocks in turn: a
+// thread may start step t-1's gates while the other still reads step t's.
 template <bool kAdd, typename Pool, typename Gates>
-void BackwardLoop(Pool& pool, int T, int B, int H, int G, const float* W, const Block (&res)[4],
-                  const Block (&d)[4], float* rows, float* dh, int threads, Gates gates) {
+void BackwardLoop(Pool& pool, int T, int B, int H, int G, const float* W, int nres,
+                  const Block (&res)[4], int nd, const Block (&d)[4], float* rows, float* dh,
+                  int threads, Gates gates) {
   Parallel(pool, threads, [&](int p, int n, SpinBarrier& barrier) {
     int j0, j1;
     Share(H / kLanes, n, p, &j0, &j1);
@@ -524,10 +530,10 @@ void BackwardLoop(Pool& pool, int T, int B, int H, int G, const float* W, const 
       float* block = rows + (size_t)(t & 1) * B * 4 * H;
       for (int u = j0 * kLanes; u < j1 * kLanes; u += kLanes) {
         Rows in[4];
-        for (int blk = 0; blk < 4; ++blk)
+        for (int blk = 0; blk < nres; ++blk)
           in[blk] = GetBlock(res[blk], T, B, t, u, tile.data() + (size_t)blk * B * kLanes);
         gates(t, u, in, block);
-        for (int blk = 0; blk < 4; ++blk)
+        for (int blk = 0; blk < nd; ++blk)
           StoreTransposed(block, 4 * H, blk * H + u, B, T, t, u, d[blk].base);
       }
       barrier.Wait();
@@ -675,6 +681,76 @@ inline void GruBwdGates(const GruBwd& x, int t, int u, const Rows (&res)[4], flo
 }
 
 // ---------------------------------------------------------------------------------------------
+// Elman
+
+// The hidden activation f and its derivative written from its output h (jaxrnn.activations).
+enum Activation : int64_t { kTanh = 0, kSigmoid = 1, kRelu = 2 };
+
+template <int64_t kAct>
+inline vf Activate(vf z) {
+  if constexpr (kAct == kTanh) return tanh_(z);
+  else if constexpr (kAct == kSigmoid) return sigmoid(z);
+  else return z > 0.0f ? z : splat(0.0f);
+}
+
+template <int64_t kAct>
+inline vf GradFromOutput(vf h) {
+  if constexpr (kAct == kTanh) return 1.0f - h * h;
+  else if constexpr (kAct == kSigmoid) return h * (1.0f - h);
+  else return h > 0.0f ? splat(1.0f) : splat(0.0f);
+}
+
+// The Elman cell has one gate block, so its tile takes 16 units from each quarter of the hidden
+// units instead: `W` and `U` packed as four blocks of H/4 rows (Pack(W, 4, H/4, K)), the same
+// 4-row x 64-unit register tile as the LSTM's, chunk j holding units q H/4 + 16 j + l for quarter
+// q (H a multiple of 64). A single 16-unit block per tile would load one weight vector per 4 FMAs.
+struct ElmanFwd {
+  int T, B, D, H;
+  const float* xs;    // [T, B, D]
+  const float* bias;  // [H], b (+ bh)
+  const float* wp;    // Pack(W, 4, H / 4, H)
+  const float* up;    // Pack(U, 4, H / 4, D)
+  const float* h0;    // [B, H]
+  float* hs;          // [T, B, H]
+};
+
+template <int R, int64_t kAct>
+inline void ElmanFwdTile(const ElmanFwd& x, int t, int r0, int j) {
+  const int H = x.H, quarter = H / 4;
+  const float* hprev = t == 0 ? x.h0 : x.hs + (size_t)(t - 1) * x.B * H;
+  vf acc[R][4] = {};
+  Accumulate<R, 0, 1, 2, 3>(acc, hprev + (size_t)r0 * H, H, x.wp + (size_t)j * H * 4 * kLanes);
+  Accumulate<R, 0, 1, 2, 3>(acc, x.xs + ((size_t)t * x.B + r0) * x.D, x.D,
+                            x.up + (size_t)j * x.D * 4 * kLanes);
+  for (int r = 0; r < R; ++r) {
+    float* h = x.hs + ((size_t)t * x.B + r0 + r) * H;
+    for (int q = 0; q < 4; ++q) {
+      const int u = q * quarter + j * kLanes;
+      store(h + u, Activate<kAct>(acc[r][q] + load(x.bias + u)));
+    }
+  }
+}
+
+struct ElmanBwd {
+  int B, H;
+  const float* hs;    // [T, B, H]
+  const float* d_hs;  // [T, B, H]
+  float* dh;          // [B, H]: d_hT in, then delta_{t+1} W, finally dL/dh_0
+};
+
+// Step t's delta = (d_hs[t] + dh) f'(h_t) for units [u, u + 16), rows [0, B), into the step's
+// block `rows` [B, 4H] (its first H columns).
+template <int64_t kAct>
+inline void ElmanBwdGates(const ElmanBwd& x, int t, int u, float* rows) {
+  const int H = x.H, B = x.B;
+  for (int b = 0; b < B; ++b) {
+    const size_t row = (size_t)t * B + b;
+    vf dh = load(x.d_hs + row * H + u) + load(x.dh + (size_t)b * H + u);
+    store(rows + (size_t)b * 4 * H + u, dh * GradFromOutput<kAct>(load(x.hs + row * H + u)));
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
 // The FFI handlers
 
 // Ask for transparent huge pages on the 2 MB-aligned part of an output buffer of at most 32 MB,
@@ -747,7 +823,7 @@ ffi::Error LstmForwardImpl(F32 xs, F32 u, F32 w, F32 bias, F32 h0, F32 c0, F32Ou
             s->typed_data()};
   Block res[4];
   Blocks(x.s, 4, H, T, B, gate_major, res);
-  ForwardLoop(pool, x.T, x.B, x.H, Threads(threads, pool, H), res,
+  ForwardLoop(pool, x.T, x.B, x.H, Threads(threads, pool, H), 4, res,
               [&](int t, int r, int j, float* st) { LstmFwdTile<4>(x, t, r, j, st); },
               [&](int t, int r, int j, float* st) { LstmFwdTile<1>(x, t, r, j, st); });
   return ffi::Error::Success();
@@ -771,7 +847,7 @@ ffi::Error LstmBackwardImpl(F32 w, F32 s, F32 cs, F32 c0, F32 d_hs, F32 dh_T, F3
   Block res[4], d[4];
   Blocks(const_cast<float*>(s.typed_data()), 4, H, T, B, gate_major, res);
   Blocks(d_t->typed_data(), 4, H, T, B, /*gate_major=*/true, d);
-  BackwardLoop<false>(pool, (int)T, (int)B, (int)H, (int)G, wc.data(), res,
+  BackwardLoop<false>(pool, (int)T, (int)B, (int)H, (int)G, wc.data(), 4, res, 4,
                       d, rows.data(), x.dh,
                       Threads(threads, pool, H),
                       [&](int t, int u, const Rows (&s)[4], float* rows) {
@@ -798,7 +874,7 @@ ffi::Error GruForwardImpl(F32 xs, F32 u, F32 w, F32 b, F32 bh, F32 h0, F32Out hs
   Block blocks[4];
   Blocks(x.res, 3, H, T, B, gate_major, blocks);
   Blocks(x.rec_n, 1, H, T, B, gate_major, blocks + 3);
-  ForwardLoop(pool, x.T, x.B, x.H, Threads(threads, pool, H), blocks,
+  ForwardLoop(pool, x.T, x.B, x.H, Threads(threads, pool, H), 4, blocks,
               [&](int t, int r, int j, float* st) { GruFwdTile<4>(x, t, r, j, st); },
               [&](int t, int r, int j, float* st) { GruFwdTile<1>(x, t, r, j, st); });
   return ffi::Error::Success();
@@ -826,7 +902,7 @@ ffi::Error GruBackwardImpl(F32 w, F32 res, F32 rec_n, F32 hs, F32 h0, F32 d_hs, 
   Blocks(const_cast<float*>(rec_n.typed_data()), 1, H, T, B, gate_major, in + 3);
   Blocks(d_rec->typed_data(), 3, H, T, B, /*gate_major=*/true, d);
   Blocks(d_n->typed_data(), 1, H, T, B, /*gate_major=*/true, d + 3);
-  BackwardLoop<true>(pool, (int)T, (int)B, (int)H, (int)G, wc.data(), in,
+  BackwardLoop<true>(pool, (int)T, (int)B, (int)H, (int)G, wc.data(), 4, in, 4,
                      d, rows.data(), x.dh,
                      Threads(threads, pool, H),
                      [&](int t, int u, const Rows (&r)[4], float* rows) {
@@ -835,7 +911,96 @@ ffi::Error GruBackwardImpl(F32 w, F32 res, F32 rec_n, F32 hs, F32 h0, F32 d_hs, 
   return ffi::Error::Success();
 }
 
+
+// The Elman loops' shapes (H a multiple of 64: four quarters of 16-unit chunks) and activation.
+ffi::Error CheckElman(int64_t T, int64_t B, int64_t D, int64_t H, int64_t G, int64_t activation) {
+  if (H <= 0 || H % (4 * kLanes) != 0 || G != H || T < 1 || B < 1 || D < 1) {
+    return ffi::Error::InvalidArgument(
+        "jaxrnn elman kernel: expected H a positive multiple of 64, W [H, H], T, B, D >= 1; got "
+        "T=" + std::to_string(T) + " B=" + std::to_string(B) + " D=" + std::to_string(D) + " H=" +
+        std::to_string(H) + " W rows=" + std::to_string(G));
+  }
+  if (activation == kTanh || activation == kSigmoid || activation == kRelu)
+    return ffi::Error::Success();
+  return ffi::Error::InvalidArgument("jaxrnn elman kernel: expected activation 0 (tanh), 1 "
+                                     "(sigmoid) or 2 (relu); got " + std::to_string(activation));
+}
+
+// Calls f(std::integral_constant<int64_t, kAct>) for the activation (checked by CheckActivation).
+template <typename F>
+void WithActivation(int64_t activation, F f) {
+  if (activation == kTanh) f(std::integral_constant<int64_t, kTanh>());
+  else if (activation == kSigmoid) f(std::integral_constant<int64_t, kSigmoid>());
+  else f(std::integral_constant<int64_t, kRelu>());
+}
+
+ffi::Error ElmanForwardImpl(F32 xs, F32 u, F32 w, F32 bias, F32 h0, F32Out hs, int64_t threads,
+                            int64_t activation, ffi::ThreadPool pool) {
+  auto dims = xs.dimensions();
+  if (dims.size() != 3) return ffi::Error::InvalidArgument("jaxrnn elman kernel: xs must be 3-D");
+  const int64_t T = dims[0], B = dims[1], D = dims[2], H = w.dimensions()[1];
+  if (auto err = CheckElman(T, B, D, H, w.dimensions()[0], activation); err.failure()) return err;
+  std::vector<float> wp = Pack(w.typed_data(), 4, H / 4, H), up = Pack(u.typed_data(), 4, H / 4, D);
+  AdviseHugePages(hs->typed_data(), sizeof(float) * T * B * H);
+  ElmanFwd x{(int)T, (int)B, (int)D, (int)H, xs.typed_data(), bias.typed_data(), wp.data(),
+             up.data(), h0.typed_data(), hs->typed_data()};
+  Block none[4];
+  WithActivation(activation, [&](auto act) {
+    constexpr int64_t kAct = decltype(act)::value;
+    ForwardLoop(pool, x.T, x.B, (int)H / 4, Threads(threads, pool, H / 4), 0, none,
+                [&](int t, int r, int j, float*) { ElmanFwdTile<4, kAct>(x, t, r, j); },
+                [&](int t, int r, int j, float*) { ElmanFwdTile<1, kAct>(x, t, r, j); });
+  });
+  return ffi::Error::Success();
+}
+
+ffi::Error ElmanBackwardImpl(F32 w, F32 hs, F32 d_hs, F32 dh_T, F32Out d_t, F32Out dh0,
+                             int64_t threads, int64_t activation, ffi::ThreadPool pool) {
+  auto dims = hs.dimensions();  // [T, B, H]
+  if (dims.size() != 3) return ffi::Error::InvalidArgument("jaxrnn elman kernel: hs must be 3-D");
+  const int64_t T = dims[0], B = dims[1], H = dims[2];
+  if (auto err = CheckElman(T, B, 1, H, w.dimensions()[0], activation); err.failure()) return err;
+  std::memcpy(dh0->typed_data(), dh_T.typed_data(), sizeof(float) * B * H);
+  std::vector<float> rows(2 * (size_t)B * 4 * H), wc = PackColumns(w.typed_data(), H, H);
+  ElmanBwd x{(int)B, (int)H, hs.typed_data(), d_hs.typed_data(), dh0->typed_data()};
+  Block none[4], d[4];
+  Blocks(d_t->typed_data(), 1, H, T, B, /*gate_major=*/true, d);
+  WithActivation(activation, [&](auto act) {
+    constexpr int64_t kAct = decltype(act)::value;
+    BackwardLoop<false>(pool, (int)T, (int)B, (int)H, (int)H, wc.data(), 0, none, 1, d,
+                        rows.data(), x.dh, Threads(threads, pool, H),
+                        [&](int t, int u, const Rows (&)[4], float* rows) {
+                          ElmanBwdGates<kAct>(x, t, u, rows);
+                        });
+  });
+  return ffi::Error::Success();
+}
+
 }  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxrnnElmanForward, ElmanForwardImpl,
+                              ffi::Ffi::Bind()
+                                  .Arg<F32>()  // xs [T, B, D]
+                                  .Arg<F32>()  // U [H, D]
+                                  .Arg<F32>()  // W [H, H]
+                                  .Arg<F32>()  // bias [H] (b, + bh where the cell has it)
+                                  .Arg<F32>()  // h0 [B, H]
+                                  .Ret<F32>()  // hs [T, B, H]
+                                  .Attr<int64_t>("threads")
+                                  .Attr<int64_t>("activation")
+                                  .Ctx<ffi::ThreadPool>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxrnnElmanBackward, ElmanBackwardImpl,
+                              ffi::Ffi::Bind()
+                                  .Arg<F32>()  // W [H, H]
+                                  .Arg<F32>()  // hs [T, B, H]
+                                  .Arg<F32>()  // d_hs [T, B, H]
+                                  .Arg<F32>()  // dh_T [B, H]
+                                  .Ret<F32>()  // delta^T [H, T, B]
+                                  .Ret<F32>()  // dh_0 [B, H]
+                                  .Attr<int64_t>("threads")
+                                  .Attr<int64_t>("activation")
+                                  .Ctx<ffi::ThreadPool>());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxrnnLstmForward, LstmForwardImpl,
                               ffi::Ffi::Bind()
