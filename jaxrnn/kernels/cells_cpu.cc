@@ -944,7 +944,7 @@ ffi::Error ElmanForwardImpl(F32 xs, F32 u, F32 w, F32 bias, F32 h0, F32Out hs, i
   AdviseHugePages(hs->typed_data(), sizeof(float) * T * B * H);
   ElmanFwd x{(int)T, (int)B, (int)D, (int)H, xs.typed_data(), bias.typed_data(), wp.data(),
              up.data(), h0.typed_data(), hs->typed_data()};
-  Block none[4];
+  Block none[4] = {};
   WithActivation(activation, [&](auto act) {
     constexpr int64_t kAct = decltype(act)::value;
     ForwardLoop(pool, x.T, x.B, (int)H / 4, Threads(threads, pool, H / 4), 0, none,
@@ -963,7 +963,7 @@ ffi::Error ElmanBackwardImpl(F32 w, F32 hs, F32 d_hs, F32 dh_T, F32Out d_t, F32O
   std::memcpy(dh0->typed_data(), dh_T.typed_data(), sizeof(float) * B * H);
   std::vector<float> rows(2 * (size_t)B * 4 * H), wc = PackColumns(w.typed_data(), H, H);
   ElmanBwd x{(int)B, (int)H, hs.typed_data(), d_hs.typed_data(), dh0->typed_data()};
-  Block none[4], d[4];
+  Block none[4] = {}, d[4];
   Blocks(d_t->typed_data(), 1, H, T, B, /*gate_major=*/true, d);
   WithActivation(activation, [&](auto act) {
     constexpr int64_t kAct = decltype(act)::value;
