@@ -5,13 +5,11 @@ cell, 4 for the LSTM, 3 for the GRU); time-major `[T, B, ...]`.
 
 The cells in `jaxrnn.cells` are the definitions; `jaxrnn.scan` / `jaxrnn.backward` unroll them
 with `lax.scan`. For the Elman cell, the LSTM and the GRU on CPU, the forward and manual-backward
-loops also
-exist as one C++ loop each (`cells_cpu.cc`), which compute the same numbers (tests/test_kernels.py)
-with `U` and `W` packed once per sequence, `U x_t` and `W h_{t-1}` accumulated in one register
-tile, the gate arithmetic on the accumulators, and the hidden units split between threads (each on
-its own CPU for the call);
-`jaxrnn.backward.input_recurrence` (every manual-backward layer of `jaxrnn.rnn`) uses them where
-`applies`.
+loops also exist as one C++ loop each (`cells_cpu.cc`), which compute the same numbers
+(tests/test_kernels.py) with `U` and `W` packed once per sequence, `U x_t` and `W h_{t-1}`
+accumulated in one register tile, the gate arithmetic on the accumulators, and the hidden units
+split between threads (each on its own CPU for the call); `jaxrnn.backward.input_recurrence`
+(every manual-backward layer of `jaxrnn.rnn`) uses them where `applies`.
 
 The source is compiled on first use with the system's C++ compiler (`$CXX`, else `c++`) for the
 host CPU and cached under `$JAXRNN_CACHE_DIR` (default `~/.cache/jaxrnn`), keyed by the source,
