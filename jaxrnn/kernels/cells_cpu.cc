@@ -5,9 +5,10 @@
 // `jaxrnn.cells.lstm` and `jaxrnn.cells.gru` (pointwise and pointwise_bwd), unrolled by
 // `jaxrnn.scan.recurrent_scan` / `jaxrnn.backward.recurrent_scan_bwd`; these loops compute the
 // same numbers (tests/test_kernels.py checks them against it and against NumPy) with what
-// XLA:CPU cannot do from a scan body: `U` and `W` packed once per sequence instead of once per step, `U x_t` and
-// `W h_{t-1}` accumulated in one register tile, the gate arithmetic done on the accumulators, and
-// the hidden units split between threads, each on its own CPU, that meet at one barrier per step.
+// XLA:CPU cannot do from a scan body: `U` and `W` packed once per sequence instead of once per
+// step, `U x_t` and `W h_{t-1}` accumulated in one register tile, the gate arithmetic done on the
+// accumulators, and the hidden units split between threads, each on its own CPU, that meet at one
+// barrier per step.
 //
 // Elman forward, per step: h_t = f(U x_t + b + W h_{t-1} (+ bh)), f = tanh, sigmoid or relu.
 // Elman backward, per step t = T-1 .. 0: delta_t = (d_hs[t] + delta_{t+1} W) f'(h_t), f' from h_t
