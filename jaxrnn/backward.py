@@ -177,10 +177,9 @@ def input_recurrence(cell: Cell, params: dict, xs: jax.Array, carry0: Carry,
   if not kernels.applies(cell, params, xs, carry0, mask, matmul_dtype):
     a = project_time_major(params, xs, matmul_dtype)
     return recurrence(cell, params, a, carry0, mask, unroll, matmul_dtype)
-  family = kernels.kernel_name(cell)
-  native = {"lstm": _native_lstm, "gru": _native_gru}.get(family)
-  if family == "elman":
-    native = functools.partial(_native_elman, cell.kernel[len("elman_"):])
+  family, activation = kernels.kernel_name(cell)
+  native = {"lstm": _native_lstm, "gru": _native_gru,
+            "elman": functools.partial(_native_elman, activation)}[family]
   scan = functools.partial(_scan_path, cell, unroll)
   cell_params = {k: params[k] for k in ("U", "W", "b", "bh") if k in params}
   return jax.lax.platform_dependent(cell_params, xs, tuple(carry0), cpu=native, default=scan)
@@ -212,17 +211,24 @@ def _native_elman_fwd(activation, params, xs, carry0):
   return (hs, (hs[-1],)), (params, xs, h0, hs)
 
 
-def _native_elman_bwd(activation, residuals, cotangents):
-  params, xs, h0, hs = residuals
-  d_hs, (dh_T,) = cotangents
-  d_t, dh0 = kernels.elman_backward(params["W"], hs, d_hs, dh_T, activation)
-  d_a = d_t.reshape(d_t.shape[0], -1)                 # [H, T B]: delta_t for U, b, W, bh alike
+def _weight_grads(params, xs, h0, hs, d_t):
+  """The gradients of `U, W, b, bh` (where present) and of `xs`, from a loop's transposed
+  pre-activation gradients `d_t [G, T, B]`, which are `dL/da_t` and `dL/dr_t` alike (the Elman
+  cell's and the LSTM's; the GRU's differ in their n block): each a GEMM over all `T B` positions,
+  on `d_t` as stored."""
+  d_a = d_t.reshape(d_t.shape[0], -1)                 # [G, T B]
   db = jnp.sum(d_a, axis=1)
   d_params = {"U": d_a @ xs.reshape(-1, xs.shape[-1]), "W": d_a @ _h_prev(h0, hs), "b": db}
   if "bh" in params:
     d_params["bh"] = db
-  d_xs = (d_a.T @ params["U"]).reshape(xs.shape)
-  return d_params, d_xs, (dh0,)
+  return d_params, (d_a.T @ params["U"]).reshape(xs.shape)
+
+
+def _native_elman_bwd(activation, residuals, cotangents):
+  params, xs, h0, hs = residuals
+  d_hs, (dh_T,) = cotangents
+  d_t, dh0 = kernels.elman_backward(params["W"], hs, d_hs, dh_T, activation)
+  return (*_weight_grads(params, xs, h0, hs, d_t), (dh0,))
 
 
 _native_elman.defvjp(_native_elman_fwd, _native_elman_bwd)
@@ -243,12 +249,7 @@ def _native_lstm_bwd(residuals, cotangents):
   params, xs, (h0, c0), hs, cs, s = residuals
   d_hs, d_carry_T = cotangents
   d_t, dh0, dc0 = kernels.lstm_backward(params["W"], s, cs, c0, d_hs, *d_carry_T)
-  d_a = d_t.reshape(d_t.shape[0], -1)                 # [4H, T B]: dL/dz for U, b, W, bh alike
-  db = jnp.sum(d_a, axis=1)
-  d_params = {"U": d_a @ xs.reshape(-1, xs.shape[-1]), "W": d_a @ _h_prev(h0, hs), "b": db,
-              "bh": db}
-  d_xs = (d_a.T @ params["U"]).reshape(xs.shape)
-  return d_params, d_xs, (dh0, dc0)
+  return (*_weight_grads(params, xs, h0, hs, d_t), (dh0, dc0))
 
 
 _native_lstm.defvjp(_native_lstm_fwd, _native_lstm_bwd)

@@ -182,10 +182,14 @@ def _check_residual(fn: str, name: str, value: jax.Array, batch: int, time: int,
                      f"forward returns it); got {tuple(value.shape)}.")
 
 
-def kernel_name(cell) -> Optional[str]:
-  """The loop family of one of the library's cells ("elman", "lstm" or "gru"), else None."""
-  kernel = cell.kernel or ""
-  return "elman" if kernel.startswith("elman_") else kernel if kernel in BLOCKS else None
+def kernel_name(cell) -> tuple[Optional[str], Optional[str]]:
+  """`(family, activation)` of one of the library's cells: ("elman", "tanh" | "sigmoid" | "relu")
+  for `elman(f)` (its `kernel` is "elman_<f>"), ("lstm", None), ("gru", None); else
+  (None, None)."""
+  family, _, activation = (cell.kernel or "").partition("_")
+  if family == "elman" and activation in ACTIVATIONS:
+    return family, activation
+  return (family, None) if family in ("lstm", "gru") and not activation else (None, None)
 
 
 def applies(cell, params: dict, xs: jax.Array, carry0, mask, matmul_dtype) -> bool:
@@ -199,7 +203,7 @@ def applies(cell, params: dict, xs: jax.Array, carry0, mask, matmul_dtype) -> bo
   `library`). The platform is decided later, at lowering, by `lax.platform_dependent`: on
   anything but CPU the same call is the `lax.scan` path.
   """
-  family = kernel_name(cell)
+  family, _ = kernel_name(cell)
   if family is None or mask is not None or matmul_dtype is not None:
     return False
   if getattr(cell.pointwise, "native_kernel", None) != cell.kernel:

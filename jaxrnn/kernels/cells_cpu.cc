@@ -513,32 +513,33 @@ void ForwardLoop(Pool& pool, int T, int B, int H, int threads, int nres, const B
 
 // The backward loop shared by the cells: for every step, from the last, each thread takes its
 // 16-unit chunks in turn: reads the chunk's `nres` residual blocks `res` (GetBlock, into its own
-// [4][B, 16] scratch `tile` where they are gate-major), computes their gate gradients into the
-// step's `[B, 4H]` block of `rows` (`gates(t, u, res, rows)`), and writes the first `nd` of those
-// columns transposed into the gradient blocks `d` (gate-major [H, T, B] each: where the residuals
-// are gate-major too, the same buffers, over what was just read). After a barrier (the block
-// complete), its units of `dh_{t-1}` += the block's first G columns times W. Two blocks in turn: a
-// thread may start step t-1's gates while the other still reads step t's.
+// [4][B, 16] scratch `tile` where they are gate-major), computes their `nd` blocks of gate
+// gradients into the step's `[B, nd H]` block of `rows` [2][B, nd H] (`gates(t, u, res, rows)`),
+// and writes those columns transposed into the gradient blocks `d` (gate-major [H, T, B] each:
+// where the residuals are gate-major too, the same buffers, over what was just read). After a
+// barrier (the block complete), its units of `dh_{t-1}` += the block's first G columns times W.
+// Two blocks in turn: a thread may start step t-1's gates while the other still reads step t's.
 template <bool kAdd, typename Pool, typename Gates>
 void BackwardLoop(Pool& pool, int T, int B, int H, int G, const float* W, int nres,
                   const Block (&res)[4], int nd, const Block (&d)[4], float* rows, float* dh,
                   int threads, Gates gates) {
+  const int ld = nd * H;
   Parallel(pool, threads, [&](int p, int n, SpinBarrier& barrier) {
     int j0, j1;
     Share(H / kLanes, n, p, &j0, &j1);
     std::vector<float> tile(4 * (size_t)B * kLanes);
     for (int t = T - 1; t >= 0; --t) {
-      float* block = rows + (size_t)(t & 1) * B * 4 * H;
+      float* block = rows + (size_t)(t & 1) * B * ld;
       for (int u = j0 * kLanes; u < j1 * kLanes; u += kLanes) {
         Rows in[4];
         for (int blk = 0; blk < nres; ++blk)
           in[blk] = GetBlock(res[blk], T, B, t, u, tile.data() + (size_t)blk * B * kLanes);
         gates(t, u, in, block);
         for (int blk = 0; blk < nd; ++blk)
-          StoreTransposed(block, 4 * H, blk * H + u, B, T, t, u, d[blk].base);
+          StoreTransposed(block, ld, blk * H + u, B, T, t, u, d[blk].base);
       }
       barrier.Wait();
-      BwdGemm<kAdd>(block, B, 4 * H, G, W, H, dh, j0, j1);
+      BwdGemm<kAdd>(block, B, ld, G, W, H, dh, j0, j1);
     }
   });
 }
@@ -740,14 +741,14 @@ struct ElmanBwd {
 };
 
 // Step t's delta = (d_hs[t] + dh) f'(h_t) for units [u, u + 16), rows [0, B), into the step's
-// block `rows` [B, 4H] (its first H columns).
+// block `rows` [B, H].
 template <int64_t kAct>
 inline void ElmanBwdGates(const ElmanBwd& x, int t, int u, float* rows) {
   const int H = x.H, B = x.B;
   for (int b = 0; b < B; ++b) {
     const size_t row = (size_t)t * B + b;
     vf dh = load(x.d_hs + row * H + u) + load(x.dh + (size_t)b * H + u);
-    store(rows + (size_t)b * 4 * H + u, dh * GradFromOutput<kAct>(load(x.hs + row * H + u)));
+    store(rows + (size_t)b * H + u, dh * GradFromOutput<kAct>(load(x.hs + row * H + u)));
   }
 }
 
@@ -780,13 +781,15 @@ int Threads(int64_t asked, const Pool& pool, int64_t H) {
   return (int)std::max<int64_t>(1, n);
 }
 
-// The shapes every handler checks (the Python wrappers check them first, with clearer messages).
+// The shapes every handler checks (the Python wrappers check them first, with clearer messages):
+// H a multiple of `units` (16 lanes; 64 for the Elman tile's four quarters).
 ffi::Error CheckShapes(const char* cell, int64_t T, int64_t B, int64_t D, int64_t H, int64_t G,
-                       int64_t blocks) {
-  if (H <= 0 || H % kLanes != 0 || G != blocks * H || T < 1 || B < 1 || D < 1) {
+                       int64_t blocks, int64_t units = kLanes) {
+  if (H <= 0 || H % units != 0 || G != blocks * H || T < 1 || B < 1 || D < 1) {
     return ffi::Error::InvalidArgument(
-        std::string("jaxrnn ") + cell + " kernel: expected H a positive multiple of 16, G = " +
-        std::to_string(blocks) + " H, T, B, D >= 1; got T=" + std::to_string(T) + " B=" +
+        std::string("jaxrnn ") + cell + " kernel: expected H a positive multiple of " +
+        std::to_string(units) + ", G = " + std::to_string(blocks) +
+        " H, T, B, D >= 1; got T=" + std::to_string(T) + " B=" +
         std::to_string(B) + " D=" + std::to_string(D) + " H=" + std::to_string(H) + " G=" +
         std::to_string(G));
   }
@@ -913,21 +916,16 @@ ffi::Error GruBackwardImpl(F32 w, F32 res, F32 rec_n, F32 hs, F32 h0, F32 d_hs, 
 }
 
 
-// The Elman loops' shapes (H a multiple of 64: four quarters of 16-unit chunks) and activation.
+// The Elman loops' shapes (`CheckShapes`, H a multiple of 64) and activation.
 ffi::Error CheckElman(int64_t T, int64_t B, int64_t D, int64_t H, int64_t G, int64_t activation) {
-  if (H <= 0 || H % (4 * kLanes) != 0 || G != H || T < 1 || B < 1 || D < 1) {
-    return ffi::Error::InvalidArgument(
-        "jaxrnn elman kernel: expected H a positive multiple of 64, W [H, H], T, B, D >= 1; got "
-        "T=" + std::to_string(T) + " B=" + std::to_string(B) + " D=" + std::to_string(D) + " H=" +
-        std::to_string(H) + " W rows=" + std::to_string(G));
-  }
+  if (auto err = CheckShapes("elman", T, B, D, H, G, 1, 4 * kLanes); err.failure()) return err;
   if (activation == kTanh || activation == kSigmoid || activation == kRelu)
     return ffi::Error::Success();
   return ffi::Error::InvalidArgument("jaxrnn elman kernel: expected activation 0 (tanh), 1 "
                                      "(sigmoid) or 2 (relu); got " + std::to_string(activation));
 }
 
-// Calls f(std::integral_constant<int64_t, kAct>) for the activation (checked by CheckActivation).
+// Calls f(std::integral_constant<int64_t, kAct>) for the activation (checked by CheckElman).
 template <typename F>
 void WithActivation(int64_t activation, F f) {
   if (activation == kTanh) f(std::integral_constant<int64_t, kTanh>());
@@ -941,7 +939,8 @@ ffi::Error ElmanForwardImpl(F32 xs, F32 u, F32 w, F32 bias, F32 h0, F32Out hs, i
   if (dims.size() != 3) return ffi::Error::InvalidArgument("jaxrnn elman kernel: xs must be 3-D");
   const int64_t T = dims[0], B = dims[1], D = dims[2], H = w.dimensions()[1];
   if (auto err = CheckElman(T, B, D, H, w.dimensions()[0], activation); err.failure()) return err;
-  std::vector<float> wp = Pack(w.typed_data(), 4, H / 4, H), up = Pack(u.typed_data(), 4, H / 4, D);
+  std::vector<float> wp = Pack(w.typed_data(), 4, H / 4, H);
+  std::vector<float> up = Pack(u.typed_data(), 4, H / 4, D);
   AdviseHugePages(hs->typed_data(), sizeof(float) * T * B * H);
   ElmanFwd x{(int)T, (int)B, (int)D, (int)H, xs.typed_data(), bias.typed_data(), wp.data(),
              up.data(), h0.typed_data(), hs->typed_data()};
@@ -962,7 +961,7 @@ ffi::Error ElmanBackwardImpl(F32 w, F32 hs, F32 d_hs, F32 dh_T, F32Out d_t, F32O
   const int64_t T = dims[0], B = dims[1], H = dims[2];
   if (auto err = CheckElman(T, B, 1, H, w.dimensions()[0], activation); err.failure()) return err;
   std::memcpy(dh0->typed_data(), dh_T.typed_data(), sizeof(float) * B * H);
-  std::vector<float> rows(2 * (size_t)B * 4 * H), wc = PackColumns(w.typed_data(), H, H);
+  std::vector<float> rows(2 * (size_t)B * H), wc = PackColumns(w.typed_data(), H, H);
   ElmanBwd x{(int)B, (int)H, hs.typed_data(), d_hs.typed_data(), dh0->typed_data()};
   Block none[4] = {}, d[4];
   Blocks(d_t->typed_data(), 1, H, T, B, /*gate_major=*/true, d);
