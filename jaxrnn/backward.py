@@ -19,6 +19,7 @@ from typing import Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxrnn import kernels
 from jaxrnn.cells.base import Carry, Cell, add_bias, einsum, matmul, recurrent_projector
@@ -191,8 +192,9 @@ def _scan_path(cell, unroll, params, xs, carry0):
 
 
 # The native loops. Residuals: the forward's states and gates. The backward's transposed
-# pre-activation gradients `[k H, T, B]` feed the weight-gradient GEMMs as stored (as
-# `[k H, T B] @ [T B, .]`; jaxrnn/kernels/cells_cpu.cc), where XLA would transpose a row-major one.
+# pre-activation gradients, one `[H, T, B]` array per gate block, feed the weight-gradient GEMMs as
+# stored (as `[H, T B] @ [T B, .]`; jaxrnn/kernels/cells_cpu.cc), where XLA would transpose a
+# row-major one.
 
 def _h_prev(h0, hs):
   """`h_{t-1}` for every t (`_shift_prev`), flattened over `(t, b)`: `[T B, H]`."""
@@ -211,24 +213,34 @@ def _native_elman_fwd(activation, params, xs, carry0):
   return (hs, (hs[-1],)), (params, xs, h0, hs)
 
 
-def _weight_grads(params, xs, h0, hs, d_t):
-  """The gradients of `U, W, b, bh` (where present) and of `xs`, from a loop's transposed
-  pre-activation gradients `d_t [G, T, B]`, which are `dL/da_t` and `dL/dr_t` alike (the Elman
-  cell's and the LSTM's; the GRU's differ in their n block): each a GEMM over all `T B` positions,
-  on `d_t` as stored."""
-  d_a = d_t.reshape(d_t.shape[0], -1)                 # [G, T B]
-  db = jnp.sum(d_a, axis=1)
-  d_params = {"U": d_a @ xs.reshape(-1, xs.shape[-1]), "W": d_a @ _h_prev(h0, hs), "b": db}
+def _flat(pieces):
+  """Gradient pieces `[k H, T, B]` as `[k H, T B]` (free: a reshape of gate-major arrays)."""
+  return [d.reshape(d.shape[0], -1) for d in pieces]
+
+
+def _weight_grads(params, xs, h0, hs, d_pieces):
+  """The gradients of `U, W, b, bh` (where present) and of `xs` from a loop's transposed
+  pre-activation gradients `dL/da_t = dL/dr_t` (the Elman cell's and the LSTM's; the GRU's differ
+  in their n block), as the loop left them: one or more gate-major pieces `[k H, T, B]`, together
+  `[G, T, B]` (`jaxrnn.kernels.pieces`). Each a GEMM over all `T B` positions per piece, on the
+  pieces as stored."""
+  d_a = _flat(d_pieces)
+  x, h_prev = xs.reshape(-1, xs.shape[-1]), _h_prev(h0, hs)
+  db = jnp.concatenate([jnp.sum(d, axis=1) for d in d_a])
+  d_params = {"U": jnp.concatenate([d @ x for d in d_a]),
+              "W": jnp.concatenate([d @ h_prev for d in d_a]), "b": db}
   if "bh" in params:
     d_params["bh"] = db
-  return d_params, (d_a.T @ params["U"]).reshape(xs.shape)
+  rows = np.cumsum([0] + [d.shape[0] for d in d_a])
+  d_xs = sum(d.T @ params["U"][r:r + d.shape[0]] for r, d in zip(rows, d_a))
+  return d_params, d_xs.reshape(xs.shape)
 
 
 def _native_elman_bwd(activation, residuals, cotangents):
   params, xs, h0, hs = residuals
   d_hs, (dh_T,) = cotangents
   d_t, dh0 = kernels.elman_backward(params["W"], hs, d_hs, dh_T, activation)
-  return (*_weight_grads(params, xs, h0, hs, d_t), (dh0,))
+  return (*_weight_grads(params, xs, h0, hs, (d_t,)), (dh0,))
 
 
 _native_elman.defvjp(_native_elman_fwd, _native_elman_bwd)
@@ -248,8 +260,8 @@ def _native_lstm_fwd(params, xs, carry0):
 def _native_lstm_bwd(residuals, cotangents):
   params, xs, (h0, c0), hs, cs, s = residuals
   d_hs, d_carry_T = cotangents
-  d_t, dh0, dc0 = kernels.lstm_backward(params["W"], s, cs, c0, d_hs, *d_carry_T)
-  return (*_weight_grads(params, xs, h0, hs, d_t), (dh0, dc0))
+  d_a, dh0, dc0 = kernels.lstm_backward(params["W"], s, cs, c0, d_hs, *d_carry_T)
+  return (*_weight_grads(params, xs, h0, hs, d_a), (dh0, dc0))
 
 
 _native_lstm.defvjp(_native_lstm_fwd, _native_lstm_bwd)
@@ -262,29 +274,33 @@ def _native_gru(params, xs, carry0):
 
 def _native_gru_fwd(params, xs, carry0):
   (h0,) = carry0
-  hs, res, rec_n = kernels.gru_forward(xs, params["U"], params["W"], params["b"], params["bh"],
-                                       h0)
-  return (hs, (hs[-1],)), (params, xs, h0, hs, res, rec_n)
+  hs, res = kernels.gru_forward(xs, params["U"], params["W"], params["b"], params["bh"], h0)
+  return (hs, (hs[-1],)), (params, xs, h0, hs, res)
 
 
 def _native_gru_bwd(residuals, cotangents):
-  params, xs, h0, hs, res, rec_n = residuals
+  params, xs, h0, hs, res = residuals
   d_hs, (dh_T,) = cotangents
   hidden = hs.shape[-1]
-  d_rec, d_n, dh0 = kernels.gru_backward(params["W"], res, rec_n, hs, h0, d_hs, dh_T)
-  d_rec = d_rec.reshape(3 * hidden, -1)               # [d_r | d_z | d_n r] [3H, T B]
-  d_n = d_n.reshape(hidden, -1)                       # [H, T B]
-  x = xs.reshape(-1, xs.shape[-1])
-  # U and b take [d_r | d_z | d_n]: the GEMM over d_rec's three blocks, then its n r rows dropped
-  # (cheaper than a copy of d_rec's first two blocks), and d_n's own.
-  sums = jnp.sum(d_rec, axis=1)
-  d_params = {"U": jnp.concatenate([(d_rec @ x)[:2 * hidden], d_n @ x]),
-              "W": d_rec @ _h_prev(h0, hs),
+  d_pieces, dh0 = kernels.gru_backward(params["W"], res, hs, h0, d_hs, dh_T)
+  x, h_prev, U = xs.reshape(-1, xs.shape[-1]), _h_prev(h0, hs), params["U"]
+  *d_rec, d_n = _flat(d_pieces)   # d_rec: [d_r | d_z | d_n r] whole, or one piece per block
+  sums = jnp.concatenate([jnp.sum(d, axis=1) for d in d_rec])
+  if len(d_rec) == 1:
+    # U and b take [d_r | d_z | d_n]: the GEMM over d_rec's three blocks, then its n r rows
+    # dropped (cheaper than a copy of d_rec's first two blocks), and d_n's own.
+    (d_rec3,) = d_rec
+    dU_rz = (d_rec3 @ x)[:2 * hidden]
+    U_rz = jnp.concatenate([U[:2 * hidden], jnp.zeros_like(U[:hidden])])
+    d_xs = d_rec3.T @ U_rz + d_n.T @ U[2 * hidden:]
+  else:
+    d_r, d_z, _ = d_rec
+    dU_rz = jnp.concatenate([d_r @ x, d_z @ x])
+    d_xs = d_r.T @ U[:hidden] + d_z.T @ U[hidden:2 * hidden] + d_n.T @ U[2 * hidden:]
+  d_params = {"U": jnp.concatenate([dU_rz, d_n @ x]),
+              "W": jnp.concatenate([d @ h_prev for d in d_rec]),
               "b": jnp.concatenate([sums[:2 * hidden], jnp.sum(d_n, axis=1)]), "bh": sums}
-  U = params["U"]
-  U_rz = jnp.concatenate([U[:2 * hidden], jnp.zeros_like(U[:hidden])])
-  d_xs = (d_rec.T @ U_rz + d_n.T @ U[2 * hidden:]).reshape(xs.shape)
-  return d_params, d_xs, (dh0,)
+  return d_params, d_xs.reshape(xs.shape), (dh0,)
 
 
 _native_gru.defvjp(_native_gru_fwd, _native_gru_bwd)

@@ -251,7 +251,7 @@ def make_sharded_train_step(loss_fn: Callable[..., jax.Array],
                    for x, s in zip(batch, shardings))
     fn = compiled.get(len(batch))
     if fn is None:
-      fn = compiled[len(batch)] = jax.jit(
+      fn = compiled[len(batch)] = train.jit_step(
           step, in_shardings=(replicated, replicated, *shardings),
           out_shardings=(replicated, replicated, replicated))
     return fn(replicate(mesh, params), replicate(mesh, opt_state), *placed)

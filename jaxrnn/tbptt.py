@@ -70,7 +70,7 @@ def make_tbptt_step(loss_fn: ChunkLoss, optimizer: optax.GradientTransformation,
   _check_callable("loss_fn", loss_fn)
   train.check_optimizer(optimizer)
 
-  @jax.jit
+  @train.jit_step
   def step(params, opt_state, carry, *chunk):
     carry = jax.lax.stop_gradient(carry)
     (value, new_carry), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, carry, *chunk)

@@ -7,10 +7,37 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from jaxrnn.kernels import HEAP_LIMIT_BYTES
+
+# XLA options for the library's compiled steps on CPU. XLA:CPU packs all of a step's temporaries
+# (states, gates, their gradients) into one buffer, allocated with `malloc` at every execution
+# and freed at its end; glibc maps any block over 32 MB freshly from the kernel and unmaps it on
+# free, so every step faulted all of it in again, 4 KB at a time (the large LSTM: 230 MB, 45k
+# faults and ~80 ms of kernel time per step). Capping each of XLA's temporary buffers at 32 MB
+# (an array larger than that still gets one of its own) keeps them in glibc's reach: it reuses
+# them from step to step, and the faults fall to about none (experiments/PERF_NOTES.md). Where the
+# temporaries are smaller, as on the small configs, nothing changes.
+COMPILER_OPTIONS = {"xla_multiheap_size_constraint_per_heap": HEAP_LIMIT_BYTES}
+
+
+def compiler_options(backend: Optional[str] = None) -> dict:
+  """`COMPILER_OPTIONS` where `backend` (default: JAX's default backend) is the CPU, else {}
+  (GPU and TPU temporaries come from XLA's own allocator, which needs no help)."""
+  backend = jax.default_backend() if backend is None else backend
+  return dict(COMPILER_OPTIONS) if backend == "cpu" else {}
+
+
+def jit_step(fn: Callable, **jit_kwargs) -> Callable:
+  """`jax.jit(fn, **jit_kwargs)` with `compiler_options()` added: how the library compiles its
+  steps, for a user's own step too (e.g. `jaxrnn.train.jit_step(step, donate_argnums=(0, 1))`)."""
+  options = {**compiler_options(), **jit_kwargs.pop("compiler_options", {})}
+  return jax.jit(fn, compiler_options=options or None, **jit_kwargs)
+
 
 def make_train_step(loss_fn: Callable[..., jax.Array], optimizer: optax.GradientTransformation,
                     *, value_and_grad_fn: Optional[Callable[..., tuple]] = None,
-                    skip_nonfinite: bool = True, jit: bool = True) -> Callable:
+                    skip_nonfinite: bool = True, jit: bool = True,
+                    donate: bool = False) -> Callable:
   """Build `step(params, opt_state, *batch) -> (params, opt_state, metrics)`.
 
   Args:
@@ -20,7 +47,10 @@ def make_train_step(loss_fn: Callable[..., jax.Array], optimizer: optax.Gradient
       Pass a manual BPTT here to train on hand-written gradients.
     skip_nonfinite: if the loss or any gradient is NaN or Inf, return the params and optimiser
       state unchanged (the step is skipped) and report it in `metrics["finite"]`.
-    jit: compile with `jax.jit` (nothing static: a second call with same-shaped data reuses it).
+    jit: compile with `jax.jit` (nothing static: a second call with same-shaped data reuses it),
+      with `compiler_options()` (on CPU, XLA's temporaries in blocks glibc reuses).
+    donate: with `jit`, donate `params` and `opt_state` to the step (`donate_argnums=(0, 1)`):
+      their buffers are reused for the new ones, so the arrays passed in must not be used again.
 
   Returns:
     The step. `metrics` has `loss`, `grad_norm` (global L2 norm of the gradients) and `finite`.
@@ -31,6 +61,9 @@ def make_train_step(loss_fn: Callable[..., jax.Array], optimizer: optax.Gradient
     >>> params, opt_state, metrics = step(params, opt_state, xs, targets)
   """
   check_optimizer(optimizer)
+  if donate and not jit:
+    raise ValueError("donate=True needs jit=True (donation is an option of the compiled step); "
+                     "got jit=False.")
   vg = value_and_grad_fn if value_and_grad_fn is not None else jax.value_and_grad(loss_fn)
 
   def train_step(params: Any, opt_state: Any, *batch):
@@ -38,7 +71,9 @@ def make_train_step(loss_fn: Callable[..., jax.Array], optimizer: optax.Gradient
     return apply_gradients(optimizer, params, opt_state, value, grads,
                            skip_nonfinite=skip_nonfinite)
 
-  return jax.jit(train_step) if jit else train_step
+  if not jit:
+    return train_step
+  return jit_step(train_step, donate_argnums=(0, 1) if donate else ())
 
 
 def check_optimizer(optimizer) -> None:

@@ -63,6 +63,13 @@ def _scan(cell, params, xs, h0, c0):
   return a, carry0, recurrent_scan(CELLS[cell], params, a, carry0)[2]
 
 
+def _joined(pieces, b):
+  """A loop's residual or gradient pieces as one time-major `[T, B, 4H]` array."""
+  if kernels.gate_major(b):
+    return jnp.transpose(jnp.concatenate(pieces), (1, 2, 0))
+  return jnp.concatenate(pieces, axis=-1)
+
+
 @pytest.mark.parametrize("cell", ["lstm", "gru"])
 @pytest.mark.parametrize("b,t,d,h", SHAPES)
 def test_forward_matches_numpy_reference(cell, b, t, d, h):
@@ -74,14 +81,12 @@ def test_forward_matches_numpy_reference(cell, b, t, d, h):
     np.testing.assert_allclose(hs[:, i], want_hs, rtol=0, atol=2e-6)
     if cell == "lstm":
       np.testing.assert_allclose(out[1][-1, i], want_c, rtol=0, atol=5e-6)
-  # The saved residuals are what the scan path saves: gate-major ([G, T, B]) from 16 rows on.
+  # The saved residuals are what the scan path saves (i | f | g | o, or r | z | n | rec_n):
+  # gate-major ([4H, T, B], the GRU's as [3H | H, T, B]) from 16 rows on.
   _, _, saved = _scan(cell, params, xs, h0, c0)
-  if kernels.gate_major(b):
-    kept = out[2] if cell == "lstm" else jnp.concatenate([out[1], out[2]])  # r | z | n, rec_n
-    assert kept.shape == (4 * h, t, b)
-    residuals = jnp.transpose(kept, (1, 2, 0))
-  else:
-    residuals = out[2] if cell == "lstm" else jnp.concatenate([out[1], out[2]], axis=-1)
+  residuals = _joined(out[-1], b)
+  assert [k.shape[0 if kernels.gate_major(b) else -1] for k in out[-1]] == (
+      [4 * h] if cell == "lstm" else [3 * h, h])
   assert residuals.shape == (t, b, 4 * h)
   if cell == "lstm":
     np.testing.assert_allclose(residuals, saved.res, rtol=0, atol=2e-6)  # g as sigmoid(2z)
@@ -104,17 +109,18 @@ def test_backward_matches_scan_backward(cell, b, t, d, h):
                                                    d_hs, d_T)
   h_prev = jnp.concatenate([h0[None], saved.carries[0][:-1]]).reshape(t * b, h)
   if cell == "lstm":
-    s = jnp.transpose(saved.res, (2, 0, 1)) if kernels.gate_major(b) else saved.res
-    d_t, *d_carry = jax.jit(kernels.lstm_backward)(params["W"], s, saved.carries[1], c0, d_hs,
-                                                   *d_T)
-    assert d_t.shape == (4 * h, t, b)
+    _, _, s = _forward(cell, params, xs, h0, c0)
+    d_pieces, *d_carry = jax.jit(kernels.lstm_backward)(params["W"], s, saved.carries[1], c0,
+                                                        d_hs, *d_T)
+    assert [d.shape for d in d_pieces] == [(4 * h, t, b)]  # gate-major, whatever b
+    d_t = jnp.concatenate(d_pieces)
     d_a, d_rec_rows = d_t, d_t
   else:
-    _, res, rec_n = _forward(cell, params, xs, h0, c0)
-    d_r_z_nr, d_n, *d_carry = jax.jit(kernels.gru_backward)(params["W"], res, rec_n,
-                                                            saved.carries[0], h0, d_hs, *d_T)
-    assert d_r_z_nr.shape == (3 * h, t, b) and d_n.shape == (h, t, b)
-    d_t = jnp.concatenate([d_r_z_nr, d_n])                  # d_r | d_z | d_n r | d_n
+    _, res = _forward(cell, params, xs, h0, c0)
+    d_pieces, *d_carry = jax.jit(kernels.gru_backward)(params["W"], res, saved.carries[0], h0,
+                                                       d_hs, *d_T)
+    assert [d.shape for d in d_pieces] == [(3 * h, t, b), (h, t, b)]
+    d_t = jnp.concatenate(d_pieces)                         # d_r | d_z | d_n r | d_n
     d_a = jnp.concatenate([d_t[:2 * h], d_t[3 * h:]])
     d_rec_rows = d_t[:3 * h]
   assert rel_err(jnp.transpose(d_a, (1, 2, 0)), want_da) < 1e-5
@@ -211,6 +217,38 @@ def test_loss_gradients_equal_autodiff_params_inputs_and_state(name, b, t, d, h)
     assert rel_err(g, w) < 1e-5
 
 
+@pytest.mark.parametrize("cell,b", [("lstm", 3), ("lstm", 16), ("gru", 3), ("gru", 16)])
+def test_residuals_past_the_heap_limit_come_one_array_per_block(cell, b, monkeypatch):
+  """Past `HEAP_LIMIT_BYTES` (lowered here so that small shapes pass it) the loops keep one array
+  per gate block: the same numbers, the same gradients (the GRU's weight gradients are then
+  assembled per block), and the backward still writes over the residuals."""
+  t, d, h = 5, 4, 16
+  params, xs, h0, c0 = _inputs(cell, b, t, d, h)
+  whole = jax.jit(functools.partial(_forward, cell))(params, xs, h0, c0)
+  spec = rnn.rnn(cell, d, h, output_size=3)
+  rparams = rnn.init(jax.random.key(2), spec)
+  bxs = jax.random.normal(jax.random.key(3), (b, t, d))
+  ys = jax.random.normal(jax.random.key(4), (b, t, 3))
+  want = _grads(spec, "autodiff")(rparams, bxs, None, ys)
+  monkeypatch.setattr(kernels, "HEAP_LIMIT_BYTES", 1024)
+  assert kernels.pieces(cell, b, t, h) == (1, 1, 1, 1)
+  split = jax.jit(functools.partial(_forward, cell))(params, xs, h0, c0)
+  shape = (h, t, b) if kernels.gate_major(b) else (t, b, h)
+  assert [k.shape for k in split[-1]] == [shape] * 4
+  np.testing.assert_array_equal(_joined(split[-1], b), _joined(whole[-1], b))
+  for got, w in zip(split[:-1], whole[:-1]):
+    np.testing.assert_array_equal(got, w)
+  manual = _grads(spec, "manual")
+  compiled = manual.lower(rparams, bxs, None, ys).compile()
+  assert _custom_calls(compiled.as_text()) == {f"jaxrnn_{cell}_forward", f"jaxrnn_{cell}_backward"}
+  got = manual(rparams, bxs, None, ys)
+  for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    assert rel_err(g, w) < 1e-5
+  if kernels.gate_major(b):  # aliased: one set of four [H, T, B] arrays, not two
+    gates, states = 4 * h * t * b * 4, h * t * b * 4
+    assert compiled.memory_analysis().temp_size_in_bytes < gates + 5 * states
+
+
 @pytest.mark.parametrize("cell,b,h", [("lstm", 2, 16), ("lstm", 16, 16),  # row-major, gate-major
                                       ("gru", 2, 16), ("gru", 16, 16), ("elman", 2, 64)])
 def test_stack_bidirectional_and_vmap_equal_autodiff(cell, b, h):
@@ -271,18 +309,19 @@ def test_falls_back_to_the_scan_where_the_kernel_does_not_apply(case, monkeypatc
 
 @pytest.mark.parametrize("cell", ["lstm", "gru"])
 def test_the_backward_writes_its_gradients_over_the_forward_residuals(cell):
-  """The gradient's temporaries hold one gate-major `[4H, T, B]` array, not two: the backward's
-  output takes the buffer of the forward's residual gates (`input_output_aliases`)."""
+  """The gradient's temporaries hold one set of gate-major gate arrays (four `[H, T, B]`), not
+  two: the backward's outputs take the buffers of the forward's residual gates
+  (`input_output_aliases`)."""
   t, b, d, h = 64, 32, 8, 128
   spec = rnn.rnn(cell, d, h, output_size=4)
   params = rnn.init(jax.random.key(0), spec)
   xs, ys = jnp.ones((b, t, d)), jnp.ones((b, t, 4))
   compiled = jax.jit(jax.grad(lambda p: rnn.loss(spec, p, xs, ys))).lower(params).compile()
   assert _custom_calls(compiled.as_text()) == {f"jaxrnn_{cell}_forward", f"jaxrnn_{cell}_backward"}
-  gates = 4 * h * t * b * 4                    # bytes of one [4H, T, B] float32 array
+  gates = 4 * h * t * b * 4                    # bytes of four [H, T, B] float32 arrays
   states = h * t * b * 4                       # bytes of one [T, B, H] array
   # The residual gates (then the gradients) plus hs, cs or the saved input, d_hs, h_{t-1} and
-  # room for the small ones: with a second [4H, T, B] array this would be 3 MB over.
+  # room for the small ones: with a second set of gate arrays this would be 3 MB over.
   assert compiled.memory_analysis().temp_size_in_bytes < gates + 5 * states
 
 
@@ -313,16 +352,16 @@ p = lstm().init(jax.random.key(0), 8, 64)
 xs = jax.random.normal(jax.random.key(1), (6, 16, 8))
 z = np.zeros((16, 64), np.float32)
 hs, cs, s = kernels.lstm_forward(xs, p["U"], p["W"], p["b"] + p["bh"], z, z)
-d = kernels.lstm_backward(p["W"], s, cs, z, jax.numpy.ones_like(hs), z, z)
+d_a, *d = kernels.lstm_backward(p["W"], s, cs, z, jax.numpy.ones_like(hs), z, z)
 q = gru().init(jax.random.key(2), 8, 64)
-ghs, res, rec_n = kernels.gru_forward(xs, q["U"], q["W"], q["b"], q["bh"], z)
-e = kernels.gru_backward(q["W"], res, rec_n, ghs, z, jax.numpy.ones_like(ghs), z)
+ghs, res = kernels.gru_forward(xs, q["U"], q["W"], q["b"], q["bh"], z)
+d_g, *e = kernels.gru_backward(q["W"], res, ghs, z, jax.numpy.ones_like(ghs), z)
 r = elman().init(jax.random.key(3), 8, 128)  # two 64-unit tiles: one per thread
 z2 = np.zeros((16, 128), np.float32)
 ehs = kernels.elman_forward(xs, r["U"], r["W"], r["b"], z2)
 f = kernels.elman_backward(r["W"], ehs, jax.numpy.ones_like(ehs), z2)
 print(kernels.threads_for(16, 64))
-outs = (hs, cs, s, *d, ghs, res, rec_n, *e, ehs, *f)
+outs = (hs, cs, *s, *d_a, *d, ghs, *res, *d_g, *e, ehs, *f)
 np.save(__import__("sys").argv[1], np.concatenate([np.ravel(x) for x in outs]))
 """
   out = {}
@@ -358,10 +397,10 @@ def masks():
   return {t: os.sched_getaffinity(int(t)) for t in os.listdir("/proc/self/task")}
 def run():
   hs, cs, s = kernels.lstm_forward(xs, p["U"], p["W"], p["b"] + p["bh"], z, z)
-  d = kernels.lstm_backward(p["W"], s, cs, z, jnp.ones_like(hs), z, z)
-  ghs, res, rec_n = kernels.gru_forward(xs, q["U"], q["W"], q["b"], q["bh"], z)
-  e = kernels.gru_backward(q["W"], res, rec_n, ghs, z, jnp.ones_like(ghs), z)
-  return np.concatenate([np.ravel(x) for x in (hs, cs, s, *d, ghs, res, rec_n, *e)])
+  d_a, *d = kernels.lstm_backward(p["W"], s, cs, z, jnp.ones_like(hs), z, z)
+  ghs, res = kernels.gru_forward(xs, q["U"], q["W"], q["b"], q["bh"], z)
+  d_g, *e = kernels.gru_backward(q["W"], res, ghs, z, jnp.ones_like(ghs), z)
+  return np.concatenate([np.ravel(x) for x in (hs, cs, *s, *d_a, *d, ghs, *res, *d_g, *e)])
 before = masks()  # XLA's threads exist once the arrays above do
 first = run()
 again = [run() for _ in range(5)]
@@ -441,13 +480,19 @@ def test_bad_shapes_are_rejected_by_the_kernel():
   # Residuals in the other layout than the batch size implies (gate-major from 16 rows on).
   t, b, h = 3, 16, 16
   state, w = jnp.ones((b, h)), jnp.ones((4 * h, h))
-  with pytest.raises(ValueError, match=r"lstm_backward: s must have shape \(64, 3, 16\) "
-                     r"\(gate-major for batch 16, as the forward returns it\); got \(3, 16, 64\)"):
-    kernels.lstm_backward(w, jnp.ones((t, b, 4 * h)), jnp.ones((t, b, h)), state,
+  with pytest.raises(ValueError, match=r"lstm_backward: s must be 1 array\(s\) of shapes "
+                     r"\[\(64, 3, 16\)\] \(gate-major for batch 16, as the forward returns "
+                     r"them\); got \[\(3, 16, 64\)\]"):
+    kernels.lstm_backward(w, (jnp.ones((t, b, 4 * h)),), jnp.ones((t, b, h)), state,
                           jnp.ones((t, b, h)), state, state)
-  with pytest.raises(ValueError, match=r"gru_backward: rec_n must have shape \(16, 3, 16\)"):
-    kernels.gru_backward(w[:3 * h], jnp.ones((3 * h, t, b)), jnp.ones((t, b, h)),
-                         jnp.ones((t, b, h)), state, jnp.ones((t, b, h)), state)
+  with pytest.raises(ValueError, match=r"lstm_backward: s must be 1 array\(s\) .*; got one array "
+                     r"of shape \(64, 3, 16\)"):  # an array, not the forward's tuple
+    kernels.lstm_backward(w, jnp.ones((4 * h, t, b)), jnp.ones((t, b, h)), state,
+                          jnp.ones((t, b, h)), state, state)
+  with pytest.raises(ValueError, match=r"gru_backward: res must be 2 array\(s\) of shapes "
+                     r"\[\(48, 3, 16\), \(16, 3, 16\)\] .*; got \[\(48, 3, 16\)\]"):
+    kernels.gru_backward(w[:3 * h], (jnp.ones((3 * h, t, b)),), jnp.ones((t, b, h)), state,
+                         jnp.ones((t, b, h)), state)
 
 
 def test_build_is_cached_and_keyed_by_the_source(tmp_path, monkeypatch):

@@ -5,7 +5,7 @@ import numpy as np
 import optax
 import pytest
 
-from jaxrnn import elman, make_train_step
+from jaxrnn import elman, make_train_step, train
 
 
 def echo_task(b=16, t=12, lag=2, seed=0, dtype=jnp.float32):
@@ -82,3 +82,32 @@ def test_bad_optimizer_and_options():
     make_train_step(lambda p: 0.0, "adam")
   with pytest.raises(ValueError, match="grads must be one of 'manual', 'autodiff'; got 'fd'"):
     elman.make_train_step(optax.adam(1e-3), grads="fd")
+  with pytest.raises(ValueError, match="donate=True needs jit=True.*got jit=False"):
+    make_train_step(lambda p: 0.0, optax.adam(1e-3), jit=False, donate=True)
+
+
+def test_donated_step_reuses_its_inputs_and_computes_the_same():
+  params = elman.init(jax.random.key(0), 1, 8, 1)
+  xs, ys = echo_task()
+  opt = optax.adam(1e-2)
+  loss_fn = lambda p, x, y: elman.loss(p, x, y)
+  want, _, _ = make_train_step(loss_fn, opt)(params, opt.init(params), xs, ys)
+  donated = jax.tree.map(jnp.copy, params)
+  got, _, _ = make_train_step(loss_fn, opt, donate=True)(donated, opt.init(donated), xs, ys)
+  assert all(x.is_deleted() for x in jax.tree.leaves(donated))
+  for k in want:
+    np.testing.assert_array_equal(got[k], want[k])
+
+
+def test_steps_are_compiled_with_the_cpu_heap_limit():
+  """`jit_step` (how make_train_step compiles) hands XLA the library's options on CPU, and this
+  jaxlib knows them (an unknown option is an error at compile time, as the last case shows)."""
+  assert train.compiler_options("cpu") == {
+      "xla_multiheap_size_constraint_per_heap": 32 * 2**20}
+  assert train.compiler_options("gpu") == {} and train.compiler_options("tpu") == {}
+  f = lambda x: jnp.tanh(x) @ x
+  x = jnp.ones((8, 8))
+  np.testing.assert_allclose(train.jit_step(f)(x), f(x), rtol=1e-6)
+  assert train.jit_step(f).lower(x).compile() is not None
+  with pytest.raises(Exception, match="xla_no_such_option"):
+    train.jit_step(f, compiler_options={"xla_no_such_option": 1}).lower(x).compile()

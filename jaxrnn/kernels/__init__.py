@@ -153,12 +153,29 @@ UNITS = {"elman": 4 * LANES, "lstm": LANES, "gru": LANES}
 # The Elman loops' activation attribute (jaxrnn/kernels/cells_cpu.cc, `Activation`).
 ACTIVATIONS = {"tanh": 0, "sigmoid": 1, "relu": 2}
 
-# From this batch size on, the forward keeps its residuals gate-major, `[k H, T, B]`, and the
-# backward writes its gradients over them (one such array per training step instead of two: GRU
-# large 317 -> 244 ms, its page faults 91k -> 39k per step). Below it a gate-major row of one
-# step is shorter than a cache line and a step's rows lie `T B` floats apart (at B = 1 the small
-# LSTM's loops ran 1.5-2x slower), so the residuals stay row-major, `[T, B, k H]`, unaliased.
+# From this batch size on, the forward keeps its residuals gate-major, `[H, T, B]` per gate block,
+# and the backward writes its gradients over them (one set of such arrays per training step
+# instead of two: GRU large 317 -> 244 ms, its page faults 91k -> 39k per step). Below it a
+# gate-major row of one step is shorter than a cache line and a step's rows lie `T B` floats apart
+# (at B = 1 the small LSTM's loops ran 1.5-2x slower), so the residuals stay row-major,
+# `[T, B, H]` per block, unaliased.
 GATE_MAJOR_BATCH = 16
+
+# XLA:CPU allocates each array on its own, and under `jaxrnn.train.COMPILER_OPTIONS` packs its
+# temporaries in blocks of at most this many bytes, which glibc keeps and reuses from step to step
+# (larger blocks it maps fresh, and faults in page by page, at every step).
+HEAP_LIMIT_BYTES = 32 * 2**20
+
+
+def pieces(family: str, batch: int, time: int, hidden: int) -> tuple[int, ...]:
+  """How many gate blocks each array of the loops' residuals (and gradients) holds: the LSTM's
+  i | f | g | o as one `[4H, T, B]` array and the GRU's r | z | n | rec_n as `[3H, T, B]` and
+  `[H, T, B]` (the rows `W`'s gradient reads, then `U`'s n block), or, where those would pass
+  `HEAP_LIMIT_BYTES`, one `[H, T, B]` array per block (the large LSTM's 105 MB of gates: 45k ->
+  10-30k page faults per step). Splitting a smaller one measured slower (LSTM char-LM 30 -> 33
+  ms), so it stays whole."""
+  whole = (4,) if family == "lstm" else (3, 1)
+  return whole if 4 * 4 * hidden * time * batch <= HEAP_LIMIT_BYTES else (1, 1, 1, 1)
 
 
 def gate_major(batch: int) -> bool:
@@ -166,20 +183,31 @@ def gate_major(batch: int) -> bool:
   return batch >= GATE_MAJOR_BATCH
 
 
-def _residual_shape(batch: int, time: int, rows: int) -> tuple[int, int, int]:
-  return (rows, time, batch) if gate_major(batch) else (time, batch, rows)
+def _piece_shape(batch: int, time: int, rows: int, major: bool) -> tuple[int, int, int]:
+  return (rows, time, batch) if major else (time, batch, rows)
 
 
-def _residual(batch: int, time: int, rows: int) -> jax.ShapeDtypeStruct:
-  return jax.ShapeDtypeStruct(_residual_shape(batch, time, rows), jnp.float32)
+def _residuals(family, batch, time, hidden, major=None) -> tuple[jax.ShapeDtypeStruct, ...]:
+  major = gate_major(batch) if major is None else major
+  return tuple(jax.ShapeDtypeStruct(_piece_shape(batch, time, n * hidden, major), jnp.float32)
+               for n in pieces(family, batch, time, hidden))
 
 
-def _check_residual(fn: str, name: str, value: jax.Array, batch: int, time: int, rows: int):
-  want = _residual_shape(batch, time, rows)
-  if tuple(value.shape) != want:
+def _check_residuals(fn: str, name: str, family: str, arrays, batch: int, time: int,
+                     hidden: int):
+  want = [tuple(x.shape) for x in _residuals(family, batch, time, hidden)]
+  got = ([tuple(x.shape) for x in arrays] if isinstance(arrays, (tuple, list))
+         else f"one array of shape {tuple(arrays.shape)}")
+  if got != want:
     layout = "gate-major" if gate_major(batch) else "row-major"
-    raise ValueError(f"{fn}: {name} must have shape {want} ({layout} for batch {batch}, as the "
-                     f"forward returns it); got {tuple(value.shape)}.")
+    raise ValueError(f"{fn}: {name} must be {len(want)} array(s) of shapes {want} ({layout} for "
+                     f"batch {batch}, as the forward returns them); got {got}.")
+
+
+def _aliases(batch: int, first_arg: int, first_ret: int, n: int) -> Optional[dict[int, int]]:
+  """The backward's gradient pieces (results `first_ret` ..) take the residual pieces' buffers
+  (arguments `first_arg` ..) where those are gate-major."""
+  return {first_arg + k: first_ret + k for k in range(n)} if gate_major(batch) else None
 
 
 def kernel_name(cell) -> tuple[Optional[str], Optional[str]]:
@@ -270,12 +298,13 @@ def elman_backward(W: jax.Array, hs: jax.Array, d_hs: jax.Array, dh_T: jax.Array
 
 
 def lstm_forward(xs: jax.Array, U: jax.Array, W: jax.Array, bias: jax.Array, h0: jax.Array,
-                 c0: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+                 c0: jax.Array) -> tuple[jax.Array, jax.Array, tuple[jax.Array, ...]]:
   """The LSTM forward loop with its input projection: `xs [T, B, D]`, `U [4H, D]`, `W [4H, H]`,
-  `bias [4H]` (`b + bh`), `h0, c0 [B, H]` -> `(hs, cs) [T, B, H]` and the activated gates `s`
-  (the g block as `sigmoid(2 z_g)`, as `jaxrnn.cells.lstm` saves them), gate-major `[4H, T, B]`
-  (the layout of `lstm_backward`'s output, which overwrites them) where `gate_major(B)`, else
-  `[T, B, 4H]`. CPU only.
+  `bias [4H]` (`b + bh`), `h0, c0 [B, H]` -> `(hs, cs) [T, B, H]` and the activated gates
+  i | f | g | o (the g block as `sigmoid(2 z_g)`, as `jaxrnn.cells.lstm` saves them) as a tuple
+  of arrays (`pieces`: one `[4H, T, B]`, or four `[H, T, B]`), gate-major (the layout of
+  `lstm_backward`'s outputs, which overwrite them) where `gate_major(B)`, else `[T, B, 4H]` (or
+  four `[T, B, H]`). CPU only.
 
   `U x_t` is accumulated with `W h_{t-1}` in the step's GEMM, so no `[T, B, 4H]` projection is
   written to memory and read back (on the char-LM step that array, freshly mapped by the
@@ -283,67 +312,70 @@ def lstm_forward(xs: jax.Array, U: jax.Array, W: jax.Array, bias: jax.Array, h0:
   _require_library()
   T, B, _ = xs.shape
   G, H = W.shape
-  out = (jax.ShapeDtypeStruct((T, B, H), jnp.float32),) * 2 + (_residual(B, T, G),)
-  return jax.ffi.ffi_call("jaxrnn_lstm_forward", out, vmap_method="sequential")(
+  out = (jax.ShapeDtypeStruct((T, B, H), jnp.float32),) * 2 + _residuals("lstm", B, T, H)
+  hs, cs, *s = jax.ffi.ffi_call("jaxrnn_lstm_forward", out, vmap_method="sequential")(
       xs, U, W, bias, h0, c0, threads=np.int64(threads_for(B, H)),
       gate_major=np.int64(gate_major(B)))
+  return hs, cs, tuple(s)
 
 
-def lstm_backward(W: jax.Array, s: jax.Array, cs: jax.Array, c0: jax.Array, d_hs: jax.Array,
-                  dh_T: jax.Array, dc_T: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
-  """The LSTM manual-backward loop: from `lstm_forward`'s `s`, `cs` and `c0`, the output
-  cotangent `d_hs [T, B, H]` and the final carry's `(dh_T, dc_T) [B, H]` -> `d_a^T [4H, T, B]`
-  (`dL/dz_t`, which is `dL/da_t` and `dL/d(b + bh)` per step, transposed: the layout in which the
-  weight gradients' GEMMs read it without a copy) and `(dh_0, dc_0) [B, H]`.
+def lstm_backward(W: jax.Array, s, cs: jax.Array, c0: jax.Array, d_hs: jax.Array,
+                  dh_T: jax.Array, dc_T: jax.Array
+                  ) -> tuple[tuple[jax.Array, ...], jax.Array, jax.Array]:
+  """The LSTM manual-backward loop: from `lstm_forward`'s `s` (its tuple of arrays), `cs` and
+  `c0`, the output cotangent `d_hs [T, B, H]` and the final carry's `(dh_T, dc_T) [B, H]` ->
+  `d_a`, `dL/dz_t` (which is `dL/da_t` and `dL/d(b + bh)` per step) transposed, in the pieces of
+  `s` but always gate-major (`[4H, T, B]`, or four `[H, T, B]`: the layout in which the weight
+  gradients' GEMMs read it without a copy), and `(dh_0, dc_0) [B, H]`.
 
-  Where `s` is gate-major, `d_a^T` takes its buffer (`input_output_aliases`; XLA copies `s` first
-  only where it is still needed afterwards): a training step holds one `[4H, T, B]` array, not
-  two."""
+  Where `s` is gate-major, each piece of `d_a` takes its `s` piece's buffer
+  (`input_output_aliases`; XLA copies `s` first only where it is still needed afterwards): a
+  training step holds one set of gate arrays, not two."""
   _require_library()
   T, B, H = cs.shape
-  G = 4 * H
-  _check_residual("lstm_backward", "s", s, B, T, G)
-  out = (jax.ShapeDtypeStruct((G, T, B), jnp.float32),
-         jax.ShapeDtypeStruct((B, H), jnp.float32), jax.ShapeDtypeStruct((B, H), jnp.float32))
-  return jax.ffi.ffi_call("jaxrnn_lstm_backward", out, vmap_method="sequential",
-                          input_output_aliases={1: 0} if gate_major(B) else None)(
-      W, s, cs, c0, d_hs, dh_T, dc_T, threads=np.int64(threads_for(B, H)),
+  _check_residuals("lstm_backward", "s", "lstm", s, B, T, H)
+  out = (jax.ShapeDtypeStruct((B, H), jnp.float32),) * 2 + _residuals("lstm", B, T, H, True)
+  dh0, dc0, *d_a = jax.ffi.ffi_call(
+      "jaxrnn_lstm_backward", out, vmap_method="sequential",
+      input_output_aliases=_aliases(B, 6, 2, len(s)))(
+      W, cs, c0, d_hs, dh_T, dc_T, *s, threads=np.int64(threads_for(B, H)),
       gate_major=np.int64(gate_major(B)))
+  return tuple(d_a), dh0, dc0
 
 
 def gru_forward(xs: jax.Array, U: jax.Array, W: jax.Array, b: jax.Array, bh: jax.Array,
-                h0: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+                h0: jax.Array) -> tuple[jax.Array, tuple[jax.Array, ...]]:
   """The GRU forward loop with its input projection: `xs [T, B, D]`, `U [3H, D]`, `W [3H, H]`,
-  `b, bh [3H]`, `h0 [B, H]` -> `hs [T, B, H]` and the residuals `[r | z | n]` and
-  `rec_n = W_n h_{t-1} + bh_n`, gate-major `[3H, T, B]` and `[H, T, B]` (the layout of
-  `gru_backward`'s outputs, which overwrite them) where `gate_major(B)`, else `[T, B, 3H]` and
-  `[T, B, H]`. CPU only."""
+  `b, bh [3H]`, `h0 [B, H]` -> `hs [T, B, H]` and the residuals r | z | n | rec_n (with
+  `rec_n = W_n h_{t-1} + bh_n`) as a tuple of arrays (`pieces`: `[3H, T, B]` and `[H, T, B]`, or
+  four `[H, T, B]`), gate-major (the layout of `gru_backward`'s outputs, which overwrite them)
+  where `gate_major(B)`, else `[T, B, .]`. CPU only."""
   _require_library()
   T, B, _ = xs.shape
   G, H = W.shape
-  out = (jax.ShapeDtypeStruct((T, B, H), jnp.float32), _residual(B, T, 3 * H), _residual(B, T, H))
-  return jax.ffi.ffi_call("jaxrnn_gru_forward", out, vmap_method="sequential")(
+  out = (jax.ShapeDtypeStruct((T, B, H), jnp.float32),) + _residuals("gru", B, T, H)
+  hs, *res = jax.ffi.ffi_call("jaxrnn_gru_forward", out, vmap_method="sequential")(
       xs, U, W, b, bh, h0, threads=np.int64(threads_for(B, H)),
       gate_major=np.int64(gate_major(B)))
+  return hs, tuple(res)
 
 
-def gru_backward(W: jax.Array, res: jax.Array, rec_n: jax.Array, hs: jax.Array, h0: jax.Array,
-                 d_hs: jax.Array, dh_T: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
-  """The GRU manual-backward loop: from `gru_forward`'s `res`, `rec_n` and `hs`, `h0`, the output
-  cotangent `d_hs [T, B, H]` and the final state's `dh_T [B, H]` -> the pre-activation gradients
-  transposed, `d_rec = [d_r | d_z | d_n r] [3H, T, B]` (for `W`, `bh` and the recurrence; its
-  first two blocks also for `U`, `b`) and `d_n [H, T, B]` (for `U`'s and `b`'s n block), and
-  `dh_0 [B, H]`. Where the residuals are gate-major, `d_rec` takes `res`'s buffer and `d_n`
-  `rec_n`'s (`input_output_aliases`, as in `lstm_backward`); kept as two arrays so that the GEMM
-  for `W` reads `d_rec` as it is, where a slice of one `[4H, T, B]` array was a copy (79 MB per
-  GRU-large step)."""
+def gru_backward(W: jax.Array, res, hs: jax.Array, h0: jax.Array, d_hs: jax.Array,
+                 dh_T: jax.Array) -> tuple[tuple[jax.Array, ...], jax.Array]:
+  """The GRU manual-backward loop: from `gru_forward`'s `res` (its tuple of arrays) and `hs`,
+  `h0`, the output cotangent `d_hs [T, B, H]` and the final state's `dh_T [B, H]` -> the
+  pre-activation gradients transposed, d_r | d_z | d_n r | d_n in the pieces of `res` but always
+  gate-major (`W`, `bh` and the recurrence take `d_r | d_z | d_n r`, `U` and `b` take
+  `d_r | d_z | d_n`), and `dh_0 [B, H]`. Where the residuals are gate-major, each gradient piece
+  takes the buffer of the residual piece in its place (`input_output_aliases`, as in
+  `lstm_backward`); the whole layout keeps `[3H, T, B]` apart so that the GEMM for `W` reads it
+  as it is, where a slice of one `[4H, T, B]` array was a copy (79 MB per GRU-large step)."""
   _require_library()
   T, B, H = hs.shape
-  _check_residual("gru_backward", "res", res, B, T, 3 * H)
-  _check_residual("gru_backward", "rec_n", rec_n, B, T, H)
-  out = (jax.ShapeDtypeStruct((3 * H, T, B), jnp.float32),
-         jax.ShapeDtypeStruct((H, T, B), jnp.float32), jax.ShapeDtypeStruct((B, H), jnp.float32))
-  return jax.ffi.ffi_call("jaxrnn_gru_backward", out, vmap_method="sequential",
-                          input_output_aliases={1: 0, 2: 1} if gate_major(B) else None)(
-      W, res, rec_n, hs, h0, d_hs, dh_T, threads=np.int64(threads_for(B, H)),
+  _check_residuals("gru_backward", "res", "gru", res, B, T, H)
+  out = (jax.ShapeDtypeStruct((B, H), jnp.float32),) + _residuals("gru", B, T, H, True)
+  dh0, *d = jax.ffi.ffi_call("jaxrnn_gru_backward", out, vmap_method="sequential",
+                             input_output_aliases=_aliases(B, 5, 1, len(res)))(
+      W, hs, h0, d_hs, dh_T, *res, threads=np.int64(threads_for(B, H)),
       gate_major=np.int64(gate_major(B)))
+  return tuple(d), dh0

@@ -14,7 +14,8 @@
 // Elman backward, per step t = T-1 .. 0: delta_t = (d_hs[t] + delta_{t+1} W) f'(h_t), f' from h_t
 //   (tanh: 1 - h_t^2), kept transposed [H, T, B] for the weight gradients.
 // LSTM forward, per step (z = U x_t + b + W h_{t-1} + bh, the g block scaled by 2):
-//   s_t = sigmoid(scale * z)  [B, 4H] (kept gate-major, [4H, T, B]); i, f, o = blocks of s;
+//   s_t = sigmoid(scale * z)  [B, 4H] (kept as 4 gate-major [H, T, B] arrays); i, f, o = blocks
+//   of s;
 //   g = 2 s_g - 1 (= tanh(z_g))
 //   c_t = f c_{t-1} + i g;  h_t = o tanh(c_t)
 // LSTM backward, per step t = T-1 .. 0, with dh = d_hs[t] + (d_a_{t+1} W), dc carried:
@@ -22,7 +23,7 @@
 //   d_a_t = [dc g, dc c_{t-1}, 4 dc i, dh tanh(c_t)] * s (1 - s);  dc <- dc f
 // GRU forward, per step (a = U x_t + b, rec = W h_{t-1} + bh, blocks r | z | n):
 //   r, z = sigmoid(a_rz + rec_rz);  n = tanh(a_n + r rec_n);  h_t = (1 - z) n + z h_{t-1}
-//   residual [r | z | n | rec_n]  [B, 4H] (kept gate-major, [4H, T, B])
+//   residual [r | z | n | rec_n]  [B, 4H] (kept as 4 gate-major [H, T, B] arrays)
 // GRU backward, per step, with dh = d_hs[t] + dh z_{t+1} + (d_rec_{t+1} W):
 //   d_n = dh (1 - z)(1 - n^2);  d_r = d_n rec_n r (1 - r);  d_z = dh (h_{t-1} - n) z (1 - z)
 //   d_a = [d_r | d_z | d_n] (for U, b);  d_rec = [d_r | d_z | d_n r] (for W, bh, and dh_{t-1})
@@ -424,15 +425,14 @@ inline void StoreTransposed(const float* rows, int ld, int g0, int B, int T, int
   }
 }
 
-// The forward's residuals are kept gate-major, [G, T, B] (element (g, t, b) at (g T + t) B + b),
-// the layout of the backward's transposed output, which XLA places in the same buffer
-// (`input_output_aliases`): the backward reads step t's residuals of its units, then writes their
-// gradients over them, so a training step holds one such array instead of two (GRU large 317 ->
-// 244 ms, its page faults 91k -> 39k per step; the GRU char-LM step's temporaries fell under the
-// 32 MB above which glibc maps them fresh, and faults them in, every step). Below 16 batch rows a
-// gate-major row of one step is less than a cache line and the rows of a step lie T B floats
-// apart (at B = 1 every unit in its own 4 KB page, all in one L1 set: the small LSTM's loops ran
-// 1.5-2x slower), so there the residuals stay row-major, [T, B, G], and are not aliased.
+// The forward's residuals are kept gate-major, one [H, T, B] array per block (element (g, t, b) at
+// (g T + t) B + b), the layout of the backward's transposed output, which XLA places in the same
+// buffers (`input_output_aliases`): the backward reads step t's residuals of its units, then
+// writes their gradients over them, so a training step holds one such set instead of two (GRU
+// large 317 -> 244 ms, its page faults 91k -> 39k per step). Below 16 batch rows a gate-major row
+// of one step is less than a cache line and the rows of a step lie T B floats apart (at B = 1
+// every unit in its own 4 KB page, all in one L1 set: the small LSTM's loops ran 1.5-2x slower),
+// so there the residuals stay row-major, [T, B, H] per block, and are not aliased.
 //
 // One 16-unit-wide residual block of every step: gate-major from `base` (its first unit's row,
 // `ld` = 0) or row-major (`base` its first column, rows `ld` floats apart).
@@ -441,8 +441,11 @@ struct Block {
   int ld;
 };
 
-// The blocks of an array of `nb` blocks of H units, gate-major [nb H, T, B] or row-major
-// [T, B, nb H].
+// The blocks of an array (a "piece") of `nb` blocks of H units, gate-major [nb H, T, B] or
+// row-major [T, B, nb H]. A cell's four residual (and gradient) blocks come as one or more pieces:
+// one array where it fits XLA's temporary heaps (`jaxrnn.kernels.pieces`), else one array per
+// block, since XLA:CPU allocates each array on its own and glibc maps any block over 32 MB fresh,
+// and faults it in page by page, at every step (the large LSTM's [4H, T, B] gates are 105 MB).
 inline void Blocks(float* data, int nb, int64_t H, int64_t T, int64_t B, bool gate_major,
                    Block* out) {
   for (int k = 0; k < nb; ++k)
@@ -557,7 +560,6 @@ struct LstmFwd {
   const float* c0;    // [B, H]
   float* hs;          // [T, B, H]
   float* cs;          // [T, B, H]
-  float* s;           // [4H, T, B] gate-major, or [T, B, 4H]
 };
 
 // Rows [r0, r0 + R) of step t, units [16 j, 16 j + 16): the GEMM tile, then gates and states.
@@ -627,8 +629,6 @@ struct GruFwd {
   const float* up;    // Pack(U, 3, H, D)
   const float* h0;    // [B, H]
   float* hs;          // [T, B, H]
-  float* res;         // [3H, T, B] gate-major, or [T, B, 3H]: r | z | n
-  float* rec_n;       // [H, T, B] gate-major, or [T, B, H]
 };
 
 // Accumulators: 0 = r (U x + W h), 1 = z (U x + W h), 2 = U_n x, 3 = W_n h.
@@ -763,10 +763,12 @@ inline void ElmanBwdGates(const ElmanBwd& x, int t, int u, float* rows) {
 // elsewhere a no-op). Not above 32 MB: with THP's synchronous defragmentation a fault may
 // compact memory first, and on the large shapes (105 MB buffers), in a process holding many
 // models, that stalled the loops (GRU large 290-300 -> 430-470 ms per step).
+constexpr size_t kAdviseMaxBytes = size_t{32} << 20;
+
 void AdviseHugePages(void* data, size_t bytes) {
 #if defined(__linux__) && defined(MADV_HUGEPAGE)
   constexpr uintptr_t kHuge = uintptr_t{2} << 20;
-  if (bytes > 16 * kHuge) return;
+  if (bytes > kAdviseMaxBytes) return;
   uintptr_t begin = (reinterpret_cast<uintptr_t>(data) + kHuge - 1) & ~(kHuge - 1);
   uintptr_t end = (reinterpret_cast<uintptr_t>(data) + bytes) & ~(kHuge - 1);
   if (end > begin) madvise(reinterpret_cast<void*>(begin), end - begin, MADV_HUGEPAGE);
@@ -796,61 +798,108 @@ ffi::Error CheckShapes(const char* cell, int64_t T, int64_t B, int64_t D, int64_
   return ffi::Error::Success();
 }
 
-// A residual array of `nb` blocks has [nb H, T, B] (gate-major) or [T, B, nb H].
-ffi::Error CheckResidual(const char* cell, const char* name, ffi::Span<const int64_t> dims,
-                         int64_t nb, int64_t T, int64_t B, int64_t H, bool gate_major) {
-  const int64_t want[3] = {gate_major ? nb * H : T, gate_major ? T : B, gate_major ? B : nb * H};
-  if (dims.size() == 3 && dims[0] == want[0] && dims[1] == want[1] && dims[2] == want[2])
-    return ffi::Error::Success();
-  return ffi::Error::InvalidArgument(std::string("jaxrnn ") + cell + " kernel: expected " + name +
-                                     " of shape [" + std::to_string(want[0]) + ", " +
-                                     std::to_string(want[1]) + ", " + std::to_string(want[2]) +
-                                     "]");
-}
-
 using F32 = ffi::Buffer<ffi::F32>;
 using F32Out = ffi::ResultBuffer<ffi::F32>;
 
+// The four blocks of the pieces `at(0) .. at(n - 1)` (each [nb H, T, B] gate-major or
+// [T, B, nb H]; `dims(i)` its shape, `data(i)` its floats), checked to add up to four.
+template <typename Dims, typename Data>
+ffi::Error PieceBlocks(const char* cell, const char* name, size_t n, Dims dims, Data data,
+                       int64_t T, int64_t B, int64_t H, bool gate_major, Block (&blocks)[4]) {
+  int k = 0;
+  for (size_t i = 0; i < n; ++i) {
+    auto d = dims(i);
+    const int64_t rows = d.size() == 3 ? d[gate_major ? 0 : 2] : 0;
+    const int nb = rows % H == 0 ? (int)(rows / H) : 0;
+    const bool ok = d.size() == 3 && nb >= 1 && k + nb <= 4 &&
+                    d[gate_major ? 1 : 0] == T && d[gate_major ? 2 : 1] == B;
+    if (!ok)
+      return ffi::Error::InvalidArgument(
+          std::string("jaxrnn ") + cell + " kernel: expected each " + name + " piece of shape " +
+          (gate_major ? "[nb H, T, B]" : "[T, B, nb H]") + " with T=" + std::to_string(T) +
+          " B=" + std::to_string(B) + " H=" + std::to_string(H) + ", 4 blocks in all");
+    Blocks(data(i), nb, H, T, B, gate_major, blocks + k);
+    k += nb;
+  }
+  if (k != 4)
+    return ffi::Error::InvalidArgument(std::string("jaxrnn ") + cell + " kernel: expected " +
+                                       name + " pieces of 4 blocks in all; got " +
+                                       std::to_string(k));
+  return ffi::Error::Success();
+}
+
+// From results (a forward's residuals, advised huge pages where all four together are at most
+// 32 MB, as one output: see AdviseHugePages) or from arguments (a backward's residuals).
+ffi::Error RetBlocks(const char* cell, const char* name, ffi::RemainingRets rets, int64_t T,
+                     int64_t B, int64_t H, bool gate_major, Block (&blocks)[4],
+                     bool advise = false) {
+  std::vector<ffi::Result<F32>> out;
+  for (size_t i = 0; i < rets.size(); ++i) {
+    auto r = rets.get<F32>(i);
+    if (!r.has_value()) return r.error();
+    out.push_back(*r);
+  }
+  auto err = PieceBlocks(
+      cell, name, out.size(), [&](size_t i) { return out[i]->dimensions(); },
+      [&](size_t i) { return out[i]->typed_data(); }, T, B, H, gate_major, blocks);
+  if (err.failure() || !advise || 4 * sizeof(float) * T * B * H > kAdviseMaxBytes) return err;
+  for (auto& r : out) AdviseHugePages(r->typed_data(), sizeof(float) * r->element_count());
+  return err;
+}
+
+ffi::Error ArgBlocks(const char* cell, const char* name, ffi::RemainingArgs args, int64_t T,
+                     int64_t B, int64_t H, bool gate_major, Block (&blocks)[4]) {
+  std::vector<F32> in;
+  for (size_t i = 0; i < args.size(); ++i) {
+    auto a = args.get<F32>(i);
+    if (!a.has_value()) return a.error();
+    in.push_back(*a);
+  }
+  return PieceBlocks(
+      cell, name, in.size(), [&](size_t i) { return in[i].dimensions(); },
+      [&](size_t i) { return const_cast<float*>(in[i].typed_data()); }, T, B, H, gate_major,
+      blocks);
+}
+
 ffi::Error LstmForwardImpl(F32 xs, F32 u, F32 w, F32 bias, F32 h0, F32 c0, F32Out hs, F32Out cs,
-                           F32Out s, int64_t threads, int64_t gate_major, ffi::ThreadPool pool) {
+                           ffi::RemainingRets s, int64_t threads, int64_t gate_major,
+                           ffi::ThreadPool pool) {
   auto dims = xs.dimensions();
   if (dims.size() != 3) return ffi::Error::InvalidArgument("jaxrnn lstm kernel: xs must be 3-D");
   const int64_t T = dims[0], B = dims[1], D = dims[2], H = w.dimensions()[1];
   const int64_t G = w.dimensions()[0];
   if (auto err = CheckShapes("lstm", T, B, D, H, G, 4); err.failure()) return err;
+  Block res[4];
+  if (auto err = RetBlocks("lstm", "s", s, T, B, H, gate_major, res, /*advise=*/true);
+      err.failure())
+    return err;
   std::vector<float> wp = Pack(w.typed_data(), 4, H, H), up = Pack(u.typed_data(), 4, H, D);
   AdviseHugePages(hs->typed_data(), sizeof(float) * T * B * H);
   AdviseHugePages(cs->typed_data(), sizeof(float) * T * B * H);
-  AdviseHugePages(s->typed_data(), sizeof(float) * T * B * G);
   LstmFwd x{(int)T, (int)B, (int)D, (int)H, xs.typed_data(), bias.typed_data(), wp.data(),
-            up.data(), h0.typed_data(), c0.typed_data(), hs->typed_data(), cs->typed_data(),
-            s->typed_data()};
-  Block res[4];
-  Blocks(x.s, 4, H, T, B, gate_major, res);
+            up.data(), h0.typed_data(), c0.typed_data(), hs->typed_data(), cs->typed_data()};
   ForwardLoop(pool, x.T, x.B, x.H, Threads(threads, pool, H), 4, res,
               [&](int t, int r, int j, float* st) { LstmFwdTile<4>(x, t, r, j, st); },
               [&](int t, int r, int j, float* st) { LstmFwdTile<1>(x, t, r, j, st); });
   return ffi::Error::Success();
 }
 
-ffi::Error LstmBackwardImpl(F32 w, F32 s, F32 cs, F32 c0, F32 d_hs, F32 dh_T, F32 dc_T,
-                            F32Out d_t, F32Out dh0, F32Out dc0, int64_t threads,
-                            int64_t gate_major, ffi::ThreadPool pool) {
+ffi::Error LstmBackwardImpl(F32 w, F32 cs, F32 c0, F32 d_hs, F32 dh_T, F32 dc_T,
+                            ffi::RemainingArgs s, F32Out dh0, F32Out dc0, ffi::RemainingRets d_a,
+                            int64_t threads, int64_t gate_major, ffi::ThreadPool pool) {
   auto dims = cs.dimensions();  // [T, B, H]
   if (dims.size() != 3) return ffi::Error::InvalidArgument("jaxrnn lstm kernel: cs must be 3-D");
   const int64_t T = dims[0], B = dims[1], G = w.dimensions()[0], H = w.dimensions()[1];
   if (auto err = CheckShapes("lstm", T, B, 1, H, G, 4); err.failure()) return err;
-  if (auto err = CheckResidual("lstm", "s", s.dimensions(), 4, T, B, H, gate_major);
-      err.failure())
+  Block res[4], d[4];
+  if (auto err = ArgBlocks("lstm", "s", s, T, B, H, gate_major, res); err.failure()) return err;
+  if (auto err = RetBlocks("lstm", "d_a", d_a, T, B, H, /*gate_major=*/true, d); err.failure())
     return err;
   std::memcpy(dh0->typed_data(), dh_T.typed_data(), sizeof(float) * B * H);
   std::memcpy(dc0->typed_data(), dc_T.typed_data(), sizeof(float) * B * H);
   std::vector<float> rows(2 * (size_t)B * G), wc = PackColumns(w.typed_data(), G, H);
   LstmBwd x{(int)B, (int)H, cs.typed_data(), c0.typed_data(), d_hs.typed_data(),
             dh0->typed_data(), dc0->typed_data()};
-  Block res[4], d[4];
-  Blocks(const_cast<float*>(s.typed_data()), 4, H, T, B, gate_major, res);
-  Blocks(d_t->typed_data(), 4, H, T, B, /*gate_major=*/true, d);
   BackwardLoop<false>(pool, (int)T, (int)B, (int)H, (int)G, wc.data(), 4, res, 4,
                       d, rows.data(), x.dh,
                       Threads(threads, pool, H),
@@ -860,54 +909,45 @@ ffi::Error LstmBackwardImpl(F32 w, F32 s, F32 cs, F32 c0, F32 d_hs, F32 dh_T, F3
   return ffi::Error::Success();
 }
 
-ffi::Error GruForwardImpl(F32 xs, F32 u, F32 w, F32 b, F32 bh, F32 h0, F32Out hs, F32Out res,
-                          F32Out rec_n, int64_t threads, int64_t gate_major,
+ffi::Error GruForwardImpl(F32 xs, F32 u, F32 w, F32 b, F32 bh, F32 h0, F32Out hs,
+                          ffi::RemainingRets res, int64_t threads, int64_t gate_major,
                           ffi::ThreadPool pool) {
   auto dims = xs.dimensions();
   if (dims.size() != 3) return ffi::Error::InvalidArgument("jaxrnn gru kernel: xs must be 3-D");
   const int64_t T = dims[0], B = dims[1], D = dims[2], H = w.dimensions()[1];
   const int64_t G = w.dimensions()[0];
   if (auto err = CheckShapes("gru", T, B, D, H, G, 3); err.failure()) return err;
+  Block blocks[4];
+  if (auto err = RetBlocks("gru", "res", res, T, B, H, gate_major, blocks, /*advise=*/true);
+      err.failure())
+    return err;
   std::vector<float> wp = Pack(w.typed_data(), 3, H, H), up = Pack(u.typed_data(), 3, H, D);
   AdviseHugePages(hs->typed_data(), sizeof(float) * T * B * H);
-  AdviseHugePages(res->typed_data(), sizeof(float) * T * B * 3 * H);
-  AdviseHugePages(rec_n->typed_data(), sizeof(float) * T * B * H);
   GruFwd x{(int)T, (int)B, (int)D, (int)H, xs.typed_data(), b.typed_data(), bh.typed_data(),
-           wp.data(), up.data(), h0.typed_data(), hs->typed_data(), res->typed_data(),
-           rec_n->typed_data()};
-  Block blocks[4];
-  Blocks(x.res, 3, H, T, B, gate_major, blocks);
-  Blocks(x.rec_n, 1, H, T, B, gate_major, blocks + 3);
+           wp.data(), up.data(), h0.typed_data(), hs->typed_data()};
   ForwardLoop(pool, x.T, x.B, x.H, Threads(threads, pool, H), 4, blocks,
               [&](int t, int r, int j, float* st) { GruFwdTile<4>(x, t, r, j, st); },
               [&](int t, int r, int j, float* st) { GruFwdTile<1>(x, t, r, j, st); });
   return ffi::Error::Success();
 }
 
-ffi::Error GruBackwardImpl(F32 w, F32 res, F32 rec_n, F32 hs, F32 h0, F32 d_hs, F32 dh_T,
-                           F32Out d_rec, F32Out d_n, F32Out dh0, int64_t threads,
-                           int64_t gate_major, ffi::ThreadPool pool) {
+ffi::Error GruBackwardImpl(F32 w, F32 hs, F32 h0, F32 d_hs, F32 dh_T, ffi::RemainingArgs res,
+                           F32Out dh0, ffi::RemainingRets d, int64_t threads, int64_t gate_major,
+                           ffi::ThreadPool pool) {
   auto dims = hs.dimensions();
   if (dims.size() != 3) return ffi::Error::InvalidArgument("jaxrnn gru kernel: hs must be 3-D");
   const int64_t T = dims[0], B = dims[1], H = dims[2], G = w.dimensions()[0];
   if (auto err = CheckShapes("gru", T, B, 1, H, G, 3); err.failure()) return err;
-  if (auto err = CheckResidual("gru", "res", res.dimensions(), 3, T, B, H, gate_major);
-      err.failure())
-    return err;
-  if (auto err = CheckResidual("gru", "rec_n", rec_n.dimensions(), 1, T, B, H, gate_major);
-      err.failure())
+  Block in[4], out[4];
+  if (auto err = ArgBlocks("gru", "res", res, T, B, H, gate_major, in); err.failure()) return err;
+  if (auto err = RetBlocks("gru", "d", d, T, B, H, /*gate_major=*/true, out); err.failure())
     return err;
   std::memcpy(dh0->typed_data(), dh_T.typed_data(), sizeof(float) * B * H);
   std::vector<float> rows(2 * (size_t)B * 4 * H), wc = PackColumns(w.typed_data(), G, H);
   GruBwd x{(int)B, (int)H, hs.typed_data(), h0.typed_data(), d_hs.typed_data(),
            dh0->typed_data()};
-  Block in[4], d[4];
-  Blocks(const_cast<float*>(res.typed_data()), 3, H, T, B, gate_major, in);
-  Blocks(const_cast<float*>(rec_n.typed_data()), 1, H, T, B, gate_major, in + 3);
-  Blocks(d_rec->typed_data(), 3, H, T, B, /*gate_major=*/true, d);
-  Blocks(d_n->typed_data(), 1, H, T, B, /*gate_major=*/true, d + 3);
   BackwardLoop<true>(pool, (int)T, (int)B, (int)H, (int)G, wc.data(), 4, in, 4,
-                     d, rows.data(), x.dh,
+                     out, rows.data(), x.dh,
                      Threads(threads, pool, H),
                      [&](int t, int u, const Rows (&r)[4], float* rows) {
                        GruBwdGates(x, t, u, r, rows);
@@ -1002,6 +1042,9 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxrnnElmanBackward, ElmanBackwardImpl,
                                   .Attr<int64_t>("activation")
                                   .Ctx<ffi::ThreadPool>());
 
+// The LSTM's and the GRU's residual and gradient blocks come last, as one or more pieces
+// (`jaxrnn.kernels.pieces`: [4H, T, B] for the LSTM and [3H | H, T, B] for the GRU, or one
+// [H, T, B] array per block).
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxrnnLstmForward, LstmForwardImpl,
                               ffi::Ffi::Bind()
                                   .Arg<F32>()  // xs [T, B, D]
@@ -1012,7 +1055,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxrnnLstmForward, LstmForwardImpl,
                                   .Arg<F32>()  // c0 [B, H]
                                   .Ret<F32>()  // hs [T, B, H]
                                   .Ret<F32>()  // cs [T, B, H]
-                                  .Ret<F32>()  // s [4H, T, B] (gate_major) or [T, B, 4H]
+                                  .RemainingRets()  // s = i | f | g | o, gate-major or not
                                   .Attr<int64_t>("threads")
                                   .Attr<int64_t>("gate_major")
                                   .Ctx<ffi::ThreadPool>());
@@ -1020,15 +1063,15 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxrnnLstmForward, LstmForwardImpl,
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxrnnLstmBackward, LstmBackwardImpl,
                               ffi::Ffi::Bind()
                                   .Arg<F32>()  // W [4H, H]
-                                  .Arg<F32>()  // s (aliased with d_a^T where gate-major)
                                   .Arg<F32>()  // cs [T, B, H]
                                   .Arg<F32>()  // c0 [B, H]
                                   .Arg<F32>()  // d_hs [T, B, H]
                                   .Arg<F32>()  // dh_T [B, H]
                                   .Arg<F32>()  // dc_T [B, H]
-                                  .Ret<F32>()  // d_a^T [4H, T, B] (in s's buffer)
+                                  .RemainingArgs()  // s (aliased with d_a where gate-major)
                                   .Ret<F32>()  // dh_0 [B, H]
                                   .Ret<F32>()  // dc_0 [B, H]
+                                  .RemainingRets()  // d_a^T = (dL/da)^T, gate-major, as s
                                   .Attr<int64_t>("threads")
                                   .Attr<int64_t>("gate_major")
                                   .Ctx<ffi::ThreadPool>());
@@ -1042,8 +1085,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxrnnGruForward, GruForwardImpl,
                                   .Arg<F32>()  // bh [3H]
                                   .Arg<F32>()  // h0 [B, H]
                                   .Ret<F32>()  // hs [T, B, H]
-                                  .Ret<F32>()  // res [3H, T, B] or [T, B, 3H]: r | z | n
-                                  .Ret<F32>()  // rec_n [H, T, B] or [T, B, H]
+                                  .RemainingRets()  // r | z | n | rec_n, gate-major or not
                                   .Attr<int64_t>("threads")
                                   .Attr<int64_t>("gate_major")
                                   .Ctx<ffi::ThreadPool>());
@@ -1051,15 +1093,13 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxrnnGruForward, GruForwardImpl,
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxrnnGruBackward, GruBackwardImpl,
                               ffi::Ffi::Bind()
                                   .Arg<F32>()  // W [3H, H]
-                                  .Arg<F32>()  // res (aliased with d_rec where gate-major)
-                                  .Arg<F32>()  // rec_n (aliased with d_n where gate-major)
                                   .Arg<F32>()  // hs [T, B, H]
                                   .Arg<F32>()  // h0 [B, H]
                                   .Arg<F32>()  // d_hs [T, B, H]
                                   .Arg<F32>()  // dh_T [B, H]
-                                  .Ret<F32>()  // d_rec = [d_r | d_z | d_n r]^T [3H, T, B]
-                                  .Ret<F32>()  // d_n^T [H, T, B]
+                                  .RemainingArgs()  // r | z | n | rec_n (aliased with d)
                                   .Ret<F32>()  // dh_0 [B, H]
+                                  .RemainingRets()  // d = (d_r | d_z | d_n r | d_n)^T
                                   .Attr<int64_t>("threads")
                                   .Attr<int64_t>("gate_major")
                                   .Ctx<ffi::ThreadPool>());
