@@ -11,12 +11,12 @@ from jaxrnn.kernels import HEAP_LIMIT_BYTES
 
 # XLA options for the library's compiled steps on CPU. XLA:CPU packs all of a step's temporaries
 # (states, gates, their gradients) into one buffer, allocated with `malloc` at every execution
-# and freed at its end; glibc maps any block over 32 MB freshly from the kernel and unmaps it on
-# free, so every step faulted all of it in again, 4 KB at a time (the large LSTM: 230 MB, 45k
-# faults and ~80 ms of kernel time per step). Capping each of XLA's temporary buffers at 32 MB
-# (an array larger than that still gets one of its own) keeps them in glibc's reach: it reuses
-# them from step to step, and the faults fall to about none (experiments/PERF_NOTES.md). Where the
-# temporaries are smaller, as on the small configs, nothing changes.
+# and freed at its end; glibc maps any block of 32 MiB or more freshly from the kernel and unmaps
+# it on free, so every step faulted all of it in again, 4 KB at a time (the large LSTM: 230 MB,
+# 45k faults and ~80 ms of kernel time per step). Capping each of XLA's temporary buffers just
+# under that (`kernels.HEAP_LIMIT_BYTES`; an array larger than that still gets one of its own)
+# keeps them in glibc's reach: it reuses them from step to step, and far fewer pages fault
+# (experiments/PERF_NOTES.md). Where the temporaries are smaller, nothing changes.
 COMPILER_OPTIONS = {"xla_multiheap_size_constraint_per_heap": HEAP_LIMIT_BYTES}
 
 

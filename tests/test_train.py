@@ -103,7 +103,7 @@ def test_steps_are_compiled_with_the_cpu_heap_limit():
   """`jit_step` (how make_train_step compiles) hands XLA the library's options on CPU, and this
   jaxlib knows them (an unknown option is an error at compile time, as the last case shows)."""
   assert train.compiler_options("cpu") == {
-      "xla_multiheap_size_constraint_per_heap": 32 * 2**20}
+      "xla_multiheap_size_constraint_per_heap": 31 * 2**20}
   assert train.compiler_options("gpu") == {} and train.compiler_options("tpu") == {}
   f = lambda x: jnp.tanh(x) @ x
   x = jnp.ones((8, 8))

@@ -162,9 +162,11 @@ ACTIVATIONS = {"tanh": 0, "sigmoid": 1, "relu": 2}
 GATE_MAJOR_BATCH = 16
 
 # XLA:CPU allocates each array on its own, and under `jaxrnn.train.COMPILER_OPTIONS` packs its
-# temporaries in blocks of at most this many bytes, which glibc keeps and reuses from step to step
-# (larger blocks it maps fresh, and faults in page by page, at every step).
-HEAP_LIMIT_BYTES = 32 * 2**20
+# temporaries in blocks of at most this many bytes, which glibc keeps and reuses from step to step.
+# glibc maps any block of 32 MiB or more (its largest `mmap` threshold, with malloc's header)
+# fresh, and faults it in page by page, at every step: XLA filled a 32 MiB limit exactly, so the
+# limit is 31 MiB (LSTM char-LM 4.3k -> 0.1-0.2k faults, 35-37 -> 26-30 ms per step).
+HEAP_LIMIT_BYTES = 31 * 2**20
 
 
 def pieces(family: str, batch: int, time: int, hidden: int) -> tuple[int, ...]:
