@@ -239,8 +239,21 @@ def _weight_grads(params, xs, h0, hs, d_pieces):
 def _native_elman_bwd(activation, residuals, cotangents):
   params, xs, h0, hs = residuals
   d_hs, (dh_T,) = cotangents
-  d_t, dh0 = kernels.elman_backward(params["W"], hs, d_hs, dh_T, activation)
-  return (*_weight_grads(params, xs, h0, hs, (d_t,)), (dh0,))
+  e, dh0 = kernels.elman_backward(params["W"], hs, d_hs, dh_T, activation)
+  # e[:, s] = delta_{s+1 mod T}: e pairs with hs[s] = h_s as delta_{t} with h_{t-1}, but for the
+  # wrapped column (delta_0 with h_{T-1} instead of h_0), and with x_{s+1}: so dW needs no
+  # shifted [T, B, H] copy of hs (26 MB per large step), only the [T, B, D] input rolled.
+  T, hidden = hs.shape[0], hs.shape[-1]
+  e2 = e.reshape(hidden, -1)                           # [H, T B]
+  delta_0 = e[:, T - 1]                                # [H, B]
+  xs_next = jnp.roll(xs, -1, axis=0)                   # x_{s+1 mod T}
+  db = jnp.sum(e2, axis=1)
+  d_params = {"U": e2 @ xs_next.reshape(-1, xs.shape[-1]),
+              "W": e2 @ hs.reshape(-1, hidden) + delta_0 @ (h0 - hs[-1]), "b": db}
+  if "bh" in params:
+    d_params["bh"] = db
+  d_xs = jnp.roll((e2.T @ params["U"]).reshape(xs.shape), 1, axis=0)
+  return d_params, d_xs, (dh0,)
 
 
 _native_elman.defvjp(_native_elman_fwd, _native_elman_bwd)

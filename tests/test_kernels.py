@@ -171,9 +171,11 @@ def test_elman_backward_matches_scan_backward(f, two_biases, b, t, d, h):
   dh_T = jax.random.normal(ks[1], (b, h))
   d_rec, want_da, (want_dh0,) = recurrent_scan_bwd(cell, params, a, (h0,), None, saved, d_hs,
                                                    (dh_T,))
-  d_t, dh0 = jax.jit(functools.partial(kernels.elman_backward, activation=f))(
+  e, dh0 = jax.jit(functools.partial(kernels.elman_backward, activation=f))(
       params["W"], saved.carries[0], d_hs, dh_T)
-  assert d_t.shape == (h, t, b)
+  assert e.shape == (h, t, b)
+  # Rolled by one step: column t - 1 holds delta_t, the last column delta_0.
+  d_t = jnp.concatenate([e[:, t - 1:], e[:, :t - 1]], axis=1)
   assert rel_err(jnp.transpose(d_t, (1, 2, 0)), want_da) < 1e-5
   h_prev = jnp.concatenate([h0[None], saved.carries[0][:-1]]).reshape(t * b, h)
   assert rel_err(d_t.reshape(h, t * b) @ h_prev, d_rec["W"]) < 1e-5

@@ -287,10 +287,12 @@ def elman_forward(xs: jax.Array, U: jax.Array, W: jax.Array, bias: jax.Array, h0
 def elman_backward(W: jax.Array, hs: jax.Array, d_hs: jax.Array, dh_T: jax.Array,
                    activation: str = "tanh") -> tuple[jax.Array, jax.Array]:
   """The Elman manual-backward loop: from `elman_forward`'s `hs [T, B, H]`, the output cotangent
-  `d_hs [T, B, H]` and the final state's `dh_T [B, H]` -> `delta^T [H, T, B]` (`delta_t =
-  dL/dz_t = (d_hs[t] + delta_{t+1} W) f'(h_t)`, which is `dL/da_t` and `dL/db` per step,
-  transposed: the layout in which the weight gradients' GEMMs read it without a copy) and
-  `dh_0 [B, H]`."""
+  `d_hs [T, B, H]` and the final state's `dh_T [B, H]` -> `e [H, T, B]` and `dh_0 [B, H]`, where
+  `e` holds `delta_t = dL/dz_t = (d_hs[t] + delta_{t+1} W) f'(h_t)` (which is `dL/da_t` and
+  `dL/db` per step) transposed and rolled by one step: `e[:, t - 1] = delta_t`, and
+  `e[:, T - 1] = delta_0`. Transposed, the weight gradients' GEMMs read it without a copy;
+  rolled, `e @ hs` is `dW` but for `delta_0 (h_0 - h_{T-1})^T`, with no shifted copy of `hs`
+  (`jnp.roll(e, 1, axis=1)` is `delta^T`)."""
   _require_library()
   T, B, H = hs.shape
   act = _activation(activation)

@@ -12,7 +12,8 @@
 //
 // Elman forward, per step: h_t = f(U x_t + b + W h_{t-1} (+ bh)), f = tanh, sigmoid or relu.
 // Elman backward, per step t = T-1 .. 0: delta_t = (d_hs[t] + delta_{t+1} W) f'(h_t), f' from h_t
-//   (tanh: 1 - h_t^2), kept transposed [H, T, B] for the weight gradients.
+//   (tanh: 1 - h_t^2), kept transposed [H, T, B] and rolled one step (delta_t in column t - 1,
+//   delta_0 in column T - 1) for the weight gradients.
 // LSTM forward, per step (z = U x_t + b + W h_{t-1} + bh, the g block scaled by 2):
 //   s_t = sigmoid(scale * z)  [B, 4H] (kept as 4 gate-major [H, T, B] arrays); i, f, o = blocks
 //   of s;
@@ -522,10 +523,12 @@ void ForwardLoop(Pool& pool, int T, int B, int H, int threads, int nres, const B
 // where the residuals are gate-major too, the same buffers, over what was just read). After a
 // barrier (the block complete), its units of `dh_{t-1}` += the block's first G columns times W.
 // Two blocks in turn: a thread may start step t-1's gates while the other still reads step t's.
+// With `roll` = 1 step t's gradients go to column t - 1 of `d` and step 0's to column T - 1 (the
+// Elman cell's, whose `dW` then multiplies `hs` as it is instead of a shifted copy of it).
 template <bool kAdd, typename Pool, typename Gates>
 void BackwardLoop(Pool& pool, int T, int B, int H, int G, const float* W, int nres,
                   const Block (&res)[4], int nd, const Block (&d)[4], float* rows, float* dh,
-                  int threads, Gates gates) {
+                  int threads, Gates gates, int roll = 0) {
   const int ld = nd * H;
   Parallel(pool, threads, [&](int p, int n, SpinBarrier& barrier) {
     int j0, j1;
@@ -539,7 +542,7 @@ void BackwardLoop(Pool& pool, int T, int B, int H, int G, const float* W, int nr
           in[blk] = GetBlock(res[blk], T, B, t, u, tile.data() + (size_t)blk * B * kLanes);
         gates(t, u, in, block);
         for (int blk = 0; blk < nd; ++blk)
-          StoreTransposed(block, ld, blk * H + u, B, T, t, u, d[blk].base);
+          StoreTransposed(block, ld, blk * H + u, B, T, (t + T - roll) % T, u, d[blk].base);
       }
       barrier.Wait();
       BwdGemm<kAdd>(block, B, ld, G, W, H, dh, j0, j1);
@@ -1011,7 +1014,8 @@ ffi::Error ElmanBackwardImpl(F32 w, F32 hs, F32 d_hs, F32 dh_T, F32Out d_t, F32O
                         rows.data(), x.dh, Threads(threads, pool, H),
                         [&](int t, int u, const Rows (&)[4], float* rows) {
                           ElmanBwdGates<kAct>(x, t, u, rows);
-                        });
+                        },
+                        /*roll=*/1);
   });
   return ffi::Error::Success();
 }
