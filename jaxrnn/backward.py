@@ -219,11 +219,11 @@ def _flat(pieces):
 
 
 def _weight_grads(params, xs, h0, hs, d_pieces):
-  """The gradients of `U, W, b, bh` (where present) and of `xs` from a loop's transposed
-  pre-activation gradients `dL/da_t = dL/dr_t` (the Elman cell's and the LSTM's; the GRU's differ
-  in their n block), as the loop left them: one or more gate-major pieces `[k H, T, B]`, together
-  `[G, T, B]` (`jaxrnn.kernels.pieces`). Each a GEMM over all `T B` positions per piece, on the
-  pieces as stored."""
+  """The LSTM's gradients of `U, W, b, bh` and of `xs` from its loop's transposed pre-activation
+  gradients `dL/da_t = dL/dr_t`, as the loop left them: one or more gate-major pieces
+  `[k H, T, B]`, together `[4H, T, B]` (`jaxrnn.kernels.pieces`). Each a GEMM over all `T B`
+  positions per piece, on the pieces as stored. (The GRU's `dL/da` and `dL/dr` differ in their n
+  block, and the Elman loop's output is rolled by a step: each has its own.)"""
   d_a = _flat(d_pieces)
   x, h_prev = xs.reshape(-1, xs.shape[-1]), _h_prev(h0, hs)
   db = jnp.concatenate([jnp.sum(d, axis=1) for d in d_a])
