@@ -237,9 +237,14 @@ def _weight_grads(params, xs, h0, hs, d_pieces):
 
 
 def _native_elman_bwd(activation, residuals, cotangents):
+  d_hs, d_carry_T = cotangents
+  return _elman_grads(activation, residuals, d_hs, d_carry_T)
+
+
+def _elman_grads(activation, residuals, d_hs, d_carry_T, readout=None):
   params, xs, h0, hs = residuals
-  d_hs, (dh_T,) = cotangents
-  e, dh0 = kernels.elman_backward(params["W"], hs, d_hs, dh_T, activation)
+  (dh_T,) = d_carry_T
+  e, dh0 = kernels.elman_backward(params["W"], hs, d_hs, dh_T, activation, readout)
   # e[:, s] = delta_{s+1 mod T}: e pairs with hs[s] = h_s as delta_{t} with h_{t-1}, but for the
   # wrapped column (delta_0 with h_{T-1} instead of h_0), and with x_{s+1}: so dW needs no
   # shifted [T, B, H] copy of hs (26 MB per large step), only the [T, B, D] input rolled.
@@ -271,9 +276,13 @@ def _native_lstm_fwd(params, xs, carry0):
 
 
 def _native_lstm_bwd(residuals, cotangents):
-  params, xs, (h0, c0), hs, cs, s = residuals
   d_hs, d_carry_T = cotangents
-  d_a, dh0, dc0 = kernels.lstm_backward(params["W"], s, cs, c0, d_hs, *d_carry_T)
+  return _lstm_grads(residuals, d_hs, d_carry_T)
+
+
+def _lstm_grads(residuals, d_hs, d_carry_T, readout=None):
+  params, xs, (h0, c0), hs, cs, s = residuals
+  d_a, dh0, dc0 = kernels.lstm_backward(params["W"], s, cs, c0, d_hs, *d_carry_T, readout)
   return (*_weight_grads(params, xs, h0, hs, d_a), (dh0, dc0))
 
 
@@ -292,10 +301,15 @@ def _native_gru_fwd(params, xs, carry0):
 
 
 def _native_gru_bwd(residuals, cotangents):
+  d_hs, d_carry_T = cotangents
+  return _gru_grads(residuals, d_hs, d_carry_T)
+
+
+def _gru_grads(residuals, d_hs, d_carry_T, readout=None):
   params, xs, h0, hs, res = residuals
-  d_hs, (dh_T,) = cotangents
+  (dh_T,) = d_carry_T
   hidden = hs.shape[-1]
-  d_pieces, dh0 = kernels.gru_backward(params["W"], res, hs, h0, d_hs, dh_T)
+  d_pieces, dh0 = kernels.gru_backward(params["W"], res, hs, h0, d_hs, dh_T, readout)
   x, h_prev, U = xs.reshape(-1, xs.shape[-1]), _h_prev(h0, hs), params["U"]
   *d_rec, d_n = _flat(d_pieces)   # d_rec: [d_r | d_z | d_n r] whole, or one piece per block
   sums = jnp.concatenate([jnp.sum(d, axis=1) for d in d_rec])
@@ -317,3 +331,65 @@ def _native_gru_bwd(residuals, cotangents):
 
 
 _native_gru.defvjp(_native_gru_fwd, _native_gru_bwd)
+
+
+# The readout fused into the native backward loops: `z_t = V h_t + c` of the top (and only)
+# layer, as `jaxrnn.rnn.loss` applies it. The loop adds `dL/dz_t V` to each step's state gradient
+# itself (`kernels.READOUT_MAX_BYTES`), so the step never writes `d_hs [T, B, H]`.
+
+def input_recurrence_readout(cell: Cell, params: dict, V: jax.Array, c: jax.Array,
+                             xs: jax.Array, carry0: Carry, unroll: int = 1) -> jax.Array:
+  """`input_recurrence` and the readout: `xs [T, B, D]` (time-major) -> `z [T, B, O]`,
+  `z_t = V h_t + c` (`V [O, H]`, `c [O]`), differentiable with respect to every argument (the
+  final carry is not returned: nothing downstream may use it or `hs`).
+
+  Where `kernels.applies` and `kernels.readout_fuses(O, H)` (callers check both), on CPU the
+  native backward loop takes `dL/dz` and `V` in place of `d_hs`; elsewhere
+  (`lax.platform_dependent`) the `lax.scan` path and the readout, as `input_recurrence` then
+  `jaxrnn.rnn.readout`."""
+  family, activation = kernels.kernel_name(cell)
+  native = functools.partial(_native_readout, family, activation)
+  cell_params = {k: params[k] for k in ("U", "W", "b", "bh") if k in params}
+
+  def scan(params, V, c, xs, carry0):
+    hs, _ = _scan_path(cell, unroll, params, xs, carry0)
+    return _readout(hs, V, c)
+
+  return jax.lax.platform_dependent(cell_params, V, c, xs, tuple(carry0), cpu=native,
+                                    default=scan)
+
+
+def _readout(hs, V, c):
+  """`z = hs V^T + c`, `[T, B, H] -> [T, B, O]` (as `jaxrnn.rnn.readout`)."""
+  return add_bias(matmul(hs, V.T), c)
+
+
+# Each family's forward and gradients as `(activation, ...)` (the LSTM and GRU take none).
+_NATIVE_FWD = {"elman": _native_elman_fwd, "lstm": lambda _, *args: _native_lstm_fwd(*args),
+               "gru": lambda _, *args: _native_gru_fwd(*args)}
+_NATIVE_GRADS = {"elman": _elman_grads, "lstm": lambda _, *args: _lstm_grads(*args),
+                 "gru": lambda _, *args: _gru_grads(*args)}
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _native_readout(family, activation, params, V, c, xs, carry0):
+  return _native_readout_fwd(family, activation, params, V, c, xs, carry0)[0]
+
+
+def _native_readout_fwd(family, activation, params, V, c, xs, carry0):
+  (hs, carry_T), residuals = _NATIVE_FWD[family](activation, params, xs, carry0)
+  return _readout(hs, V, c), (residuals, V, hs, carry_T)
+
+
+def _native_readout_bwd(family, activation, residuals, d_z):
+  residuals, V, hs, carry_T = residuals
+  d_carry_T = tuple(jnp.zeros_like(h) for h in carry_T)
+  # A 2-D GEMM over the T B rows: einsum's "tbo,tbh->oh" contracted (b, t) and transposed both
+  # operands first (a 26 MB copy of hs per large step).
+  d_V = d_z.reshape(-1, d_z.shape[-1]).T @ hs.reshape(-1, hs.shape[-1])
+  d_params, d_xs, d_carry0 = _NATIVE_GRADS[family](activation, residuals, None, d_carry_T,
+                                                   (d_z, V))
+  return d_params, d_V, jnp.sum(d_z, axis=(0, 1)), d_xs, d_carry0
+
+
+_native_readout.defvjp(_native_readout_fwd, _native_readout_bwd)

@@ -28,8 +28,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxrnn import _checks, losses
-from jaxrnn.backward import input_recurrence
+from jaxrnn import _checks, kernels, losses
+from jaxrnn.backward import input_recurrence, input_recurrence_readout
 from jaxrnn.cells import base
 from jaxrnn.cells.base import Cell
 from jaxrnn.cells.elman import elman
@@ -477,6 +477,21 @@ def readout(spec: RNN, params: dict, hs: jax.Array, matmul_dtype=None) -> jax.Ar
   return base.add_bias(base.matmul(hs, params["V"].T, matmul_dtype), params["c"])
 
 
+def _fuses_readout(spec, params, xs_tm, carry0, mask, backward, impl, remat, matmul_dtype):
+  """Whether `loss` runs its one layer and the readout as `input_recurrence_readout`: one
+  unidirectional layer on the native loops (`kernels.applies`), the manual backward, no remat, and
+  a readout small enough to fuse into the backward loop (`kernels.readout_fuses`). Nothing else
+  reads `hs` or the final carry there, so the loop may take `dL/dz` in place of `dL/dh`."""
+  if (spec.num_layers != 1 or spec.bidirectional or mask is not None or backward != "manual"
+      or impl != "sequential" or remat is not None or matmul_dtype is not None):
+    return False
+  layer = params["layers"][0]["fwd"]
+  if not kernels.applies(spec.cell, layer, xs_tm, tuple(c[0] for c in carry0), None, None):
+    return False
+  return params["V"].dtype == jnp.float32 and kernels.readout_fuses(spec.output_size,
+                                                                    spec.hidden_size)
+
+
 def loss(spec: RNN, params: dict, xs: jax.Array, targets: jax.Array, carry0=None, *,
          loss: str = "mse", lengths=None, mask=None, key=None, backward: str = "manual",
          unroll: int = 1, impl: str = "sequential", remat: Optional[int] = None,
@@ -500,9 +515,14 @@ def loss(spec: RNN, params: dict, xs: jax.Array, targets: jax.Array, carry0=None
     weights = mask
   # Time-major from here on: the scan's outputs feed the readout and the loss without a transpose
   # of `hs`; only the (narrower) targets and weights are transposed.
-  hs, _ = _apply_time_major(spec, params, jnp.swapaxes(xs, 0, 1), carry0, mask, key, backward,
-                            unroll, impl, remat, matmul_dtype)
-  z = readout(spec, params, hs, matmul_dtype)                                     # [T, B, O]
+  xs_tm = jnp.swapaxes(xs, 0, 1)
+  if _fuses_readout(spec, params, xs_tm, carry0, mask, backward, impl, remat, matmul_dtype):
+    z = input_recurrence_readout(spec.cell, params["layers"][0]["fwd"], params["V"],
+                                 params["c"], xs_tm, tuple(c[0] for c in carry0), unroll)
+  else:
+    hs, _ = _apply_time_major(spec, params, xs_tm, carry0, mask, key, backward, unroll, impl,
+                              remat, matmul_dtype)
+    z = readout(spec, params, hs, matmul_dtype)                                   # [T, B, O]
   targets = jnp.swapaxes(targets if batched else targets[None], 0, 1)
   if weights is not None:
     weights = jnp.reshape(jnp.asarray(weights), xs.shape[:2])

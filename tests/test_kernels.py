@@ -200,7 +200,12 @@ GRAD_CELLS = {"lstm": ("lstm", "lstm"), "gru": ("gru", "gru"),
 @pytest.mark.parametrize("name,b,t,d,h",
                          [(c, *shape) for c in ("lstm", "gru") for shape in SHAPES[:4]]
                          + [("elman_tanh", 3, 7, 5, 64), ("elman_relu_two_biases", 19, 4, 3, 64)])
-def test_loss_gradients_equal_autodiff_params_inputs_and_state(name, b, t, d, h):
+def test_loss_gradients_equal_autodiff_params_inputs_and_state(name, b, t, d, h, monkeypatch):
+  """One layer: the loop with the readout fused (`input_recurrence_readout`)."""
+  calls = []
+  real = rnn.input_recurrence_readout
+  monkeypatch.setattr(rnn, "input_recurrence_readout",
+                      lambda *a, **k: calls.append(1) or real(*a, **k))
   cell, family = GRAD_CELLS[name]
   spec = rnn.rnn(cell, d, h, output_size=3)
   params = rnn.init(jax.random.key(2), spec)
@@ -212,6 +217,7 @@ def test_loss_gradients_equal_autodiff_params_inputs_and_state(name, b, t, d, h)
   manual = _grads(spec, "manual")
   assert _custom_calls(manual.lower(params, xs, carry0, ys).as_text()) == {
       f"jaxrnn_{family}_forward", f"jaxrnn_{family}_backward"}
+  assert calls == [1]
   got = manual(params, xs, carry0, ys)
   want = _grads(spec, "autodiff")(params, xs, carry0, ys)
   assert jax.tree.structure(got) == jax.tree.structure(want)
@@ -466,6 +472,152 @@ def test_bad_thread_count_names_the_variable(monkeypatch):
   monkeypatch.setenv("JAXRNN_THREADS", "0")
   with pytest.raises(ValueError, match="got '0'"):
     kernels.threads_for(32, 128)
+
+
+def _backward_call(cell, b, t, d, h, seed=0):
+  """One cell's backward loop as a function of its output cotangent (`d_hs`, `readout`), on
+  fixed forward residuals."""
+  if cell == "elman":
+    _, params, xs, h0 = _elman_inputs("tanh", b, t, d, h, False, seed)
+    hs = kernels.elman_forward(xs, params["U"], params["W"], params["b"], h0)
+    return jax.jit(lambda d_hs, dh_T, readout: kernels.elman_backward(
+        params["W"], hs, d_hs, dh_T, readout=readout))
+  params, xs, h0, c0 = _inputs(cell, b, t, d, h)
+  if cell == "lstm":
+    _, cs, s = _forward(cell, params, xs, h0, c0)
+    return jax.jit(lambda d_hs, dh_T, readout: kernels.lstm_backward(
+        params["W"], s, cs, c0, d_hs, dh_T, 0.5 * dh_T, readout=readout))
+  hs, res = _forward(cell, params, xs, h0, c0)
+  return jax.jit(lambda d_hs, dh_T, readout: kernels.gru_backward(
+      params["W"], res, hs, h0, d_hs, dh_T, readout=readout))
+
+
+@pytest.mark.parametrize("cell,b,h", [("lstm", 3, 16), ("lstm", 19, 32), ("gru", 3, 16),
+                                      ("gru", 19, 32), ("elman", 3, 64), ("elman", 19, 128)])
+def test_a_fused_readout_gives_the_backward_of_its_d_hs(cell, b, h):
+  """`readout=(dz, V)`: the loop adds `dz_t V` to each step's state gradient itself; the same
+  numbers as the loop given `d_hs = dz V` (computed here in float64 NumPy), with `d_hs` None or
+  added to it."""
+  t, d, o = 6, 5, 7
+  call = _backward_call(cell, b, t, d, h)
+  ks = jax.random.split(jax.random.key(7), 4)
+  dz = jax.random.normal(ks[0], (t, b, o))
+  V = jax.random.normal(ks[1], (o, h))
+  extra = jax.random.normal(ks[2], (t, b, h))
+  dh_T = jax.random.normal(ks[3], (b, h))
+  d_hs = jnp.asarray(np.einsum("tbo,oh->tbh", np.float64(dz), np.float64(V)), jnp.float32)
+  want = call(d_hs, dh_T, None)
+  got = call(None, dh_T, (dz, V))
+  for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    assert g.shape == w.shape
+    assert rel_err(g, w) < 1e-5
+  both = call(extra, dh_T, (dz, V))
+  for g, w in zip(jax.tree.leaves(both), jax.tree.leaves(call(d_hs + extra, dh_T, None))):
+    assert rel_err(g, w) < 1e-5
+  # Without the readout's part the gradients are different ones: the assertions above can fail.
+  assert rel_err(jax.tree.leaves(call(extra, dh_T, None))[0], jax.tree.leaves(both)[0]) > 0.1
+
+
+def test_bad_cotangents_are_rejected_by_name():
+  t, b, h = 3, 2, 64
+  call = lambda d_hs, readout: kernels.elman_backward(
+      jnp.ones((h, h)), jnp.ones((t, b, h)), d_hs, jnp.ones((b, h)), readout=readout)
+  with pytest.raises(ValueError, match=r"elman_backward: d_hs may be None only with a readout; "
+                                       r"got d_hs=None, readout=None"):
+    call(None, None)
+  with pytest.raises(ValueError, match=r"elman_backward: d_hs must have shape \(3, 2, 64\) "
+                                       r"\(\[T, B, H\]\); got \(3, 2, 32\)"):
+    call(jnp.ones((t, b, 32)), None)
+  with pytest.raises(ValueError, match=r"elman_backward: readout must be \(dz \[T, B, O\], "
+                                       r"V \[O, H\]\) with T=3, B=2, H=64; got dz \(3, 2, 5\), "
+                                       r"V \(4, 64\)"):
+    call(None, (jnp.ones((t, b, 5)), jnp.ones((4, h))))
+  with pytest.raises(ValueError, match=r"gru_backward: readout must be float32; got dz float32, "
+                                       r"V int32"):
+    kernels.gru_backward(jnp.ones((3 * 16, 16)), (jnp.ones((t, b, 48)), jnp.ones((t, b, 16))),
+                         jnp.ones((t, b, 16)), jnp.ones((b, 16)), None, jnp.ones((b, 16)),
+                         readout=(jnp.ones((t, b, 5)), jnp.ones((5, 16), jnp.int32)))
+
+
+@pytest.mark.parametrize("cell", ["elman", "lstm", "gru"])
+def test_the_loss_fuses_its_readout_into_the_backward_loop(cell):
+  """`rnn.loss` on one layer runs the readout inside the native path: the step holds no
+  `d_hs [T, B, H]` (about one `[T, B, H]` array less than the same loss written as `apply` +
+  `readout` + the loss), and its gradients are autodiff's."""
+  t, b, d, h = 48, 32, 8, 128
+  spec = rnn.rnn(cell, d, h, output_size=4)
+  params = rnn.init(jax.random.key(0), spec)
+  xs = jax.random.normal(jax.random.key(1), (b, t, d))
+  ys = jax.random.normal(jax.random.key(2), (b, t, 4))
+
+  def unfused(p):
+    z = rnn.readout(spec, p, rnn.apply(spec, p, xs)[0])
+    return 0.5 * jnp.sum((z - ys) ** 2) / b          # mse: (1/B) sum_bt 1/2 ||z - y||^2
+
+  fused = jax.jit(jax.grad(lambda p: rnn.loss(spec, p, xs, ys)))
+  plain = jax.jit(jax.grad(unfused))
+  np.testing.assert_allclose(rnn.loss(spec, params, xs, ys), unfused(params), rtol=1e-6)
+  text = fused.lower(params).compile().as_text()
+  assert _custom_calls(text) == {f"jaxrnn_{cell}_forward", f"jaxrnn_{cell}_backward"}
+  temp = lambda f: f.lower(params).compile().memory_analysis().temp_size_in_bytes
+  # XLA's packing of the rest moves by a few KB either way: at least 3/4 of the array's bytes.
+  assert temp(plain) - temp(fused) >= 0.75 * t * b * h * 4
+  want = jax.jit(jax.grad(lambda p: rnn.loss(spec, p, xs, ys, backward="autodiff")))(params)
+  for g, w, u in zip(jax.tree.leaves(fused(params)), jax.tree.leaves(want),
+                     jax.tree.leaves(plain(params))):
+    assert rel_err(g, w) < 1e-5 and rel_err(u, w) < 1e-5
+
+
+@pytest.mark.parametrize("cell,h", [("elman", 64), ("lstm", 16), ("gru", 16)])
+def test_the_fused_readout_under_vmap_equals_autodiff(cell, h):
+  spec = rnn.rnn(cell, 4, h, output_size=3)
+  params = rnn.init(jax.random.key(4), spec)
+  xs = jax.random.normal(jax.random.key(5), (2, 3, 6, 4))        # a vmapped axis of 2
+  ys = jax.random.normal(jax.random.key(6), (2, 3, 6, 3))
+
+  def grads(backward):
+    g = jax.grad(lambda p, x, y: rnn.loss(spec, p, x, y, backward=backward))
+    return jax.jit(jax.vmap(g, in_axes=(None, 0, 0)))
+
+  got, want = grads("manual")(params, xs, ys), grads("autodiff")(params, xs, ys)
+  assert f"jaxrnn_{cell}_backward" in grads("manual").lower(params, xs, ys).as_text()
+  for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    assert rel_err(g, w) < 1e-5
+
+
+@pytest.mark.parametrize("cell", ["elman", "lstm", "gru"])
+def test_off_the_cpu_the_fused_readout_is_the_scan_and_the_readout(cell, monkeypatch):
+  """The branch `lax.platform_dependent` takes on GPU/TPU, forced here: no custom call, and the
+  gradients of the scan's manual backward through the readout are autodiff's."""
+  monkeypatch.setattr(jax.lax, "platform_dependent",
+                      lambda *args, cpu, default: default(*args))
+  spec = rnn.rnn(cell, 3, 64 if cell == "elman" else 16, output_size=2)
+  params = rnn.init(jax.random.key(12), spec)
+  xs = jax.random.normal(jax.random.key(13), (2, 5, 3))
+  ys = jax.random.normal(jax.random.key(14), (2, 5, 2))
+  manual = jax.jit(jax.grad(lambda p: rnn.loss(spec, p, xs, ys)))
+  assert not _custom_calls(manual.lower(params).as_text())
+  want = jax.grad(lambda p: rnn.loss(spec, p, xs, ys, backward="autodiff"))(params)
+  for g, w in zip(jax.tree.leaves(manual(params)), jax.tree.leaves(want)):
+    assert rel_err(g, w) < 1e-5
+
+
+def test_a_readout_too_big_for_the_cache_is_not_fused(monkeypatch):
+  spec = rnn.rnn("lstm", 3, 16, output_size=4)
+  params = rnn.init(jax.random.key(0), spec)
+  xs, ys = jnp.ones((2, 5, 3)), jnp.ones((2, 5, 4))
+  calls = []
+  real = rnn.input_recurrence_readout
+  monkeypatch.setattr(rnn, "input_recurrence_readout",
+                      lambda *a, **k: calls.append(1) or real(*a, **k))
+  g1 = jax.grad(lambda p: rnn.loss(spec, p, xs, ys))(params)
+  assert calls == [1]
+  monkeypatch.setattr(kernels, "READOUT_MAX_BYTES", 4 * 16 * 4 - 1)   # V [4, 16] is 256 bytes
+  assert not kernels.readout_fuses(4, 16) and kernels.readout_fuses(3, 16)
+  g2 = jax.grad(lambda p: rnn.loss(spec, p, xs, ys))(params)
+  assert calls == [1]
+  for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g2)):
+    assert rel_err(a, b) < 1e-5
 
 
 def test_bad_shapes_are_rejected_by_the_kernel():

@@ -168,6 +168,13 @@ GATE_MAJOR_BATCH = 16
 # limit is 31 MiB (LSTM char-LM 4.3k -> 0.1-0.2k faults, 35-37 -> 26-30 ms per step).
 HEAP_LIMIT_BYTES = 31 * 2**20
 
+# A readout `z_t = V h_t + c` may be fused into the backward loops (`readout=` of the backward
+# functions): each step adds `dz_t V` to its state gradient (in the step's own GEMM code, `V`
+# packed once) instead of reading `d_hs = dz V` from a `[T, B, H]` array written by XLA before the
+# loop (26 MB on the large configs: a third of the Elman step's temporaries). Per step that GEMM
+# streams all of `V` again, so only while `V` stays in cache: at most this many bytes.
+READOUT_MAX_BYTES = 2**20
+
 
 def pieces(family: str, batch: int, time: int, hidden: int) -> tuple[int, ...]:
   """How many gate blocks each array of the loops' residuals (and gradients) holds: the LSTM's
@@ -258,6 +265,33 @@ def applies(cell, params: dict, xs: jax.Array, carry0, mask, matmul_dtype) -> bo
   return library() is not None
 
 
+def _cotangent(fn: str, d_hs, readout, T: int, B: int, H: int) -> tuple[jax.Array, ...]:
+  """The `d_hs, dz, V` arguments of a backward loop: `d_hs [T, B, H]`, or with the readout fused
+  (`readout = (dz [T, B, O], V [O, H])`) `d_hs` may be None (`[0]` to the kernel, no `[T, B, H]`
+  array at all); no readout: empty `dz` and `V`."""
+  empty = jnp.zeros((0,), jnp.float32)
+  if d_hs is None and readout is None:
+    raise ValueError(f"{fn}: d_hs may be None only with a readout; got d_hs=None, readout=None.")
+  if d_hs is not None and tuple(d_hs.shape) != (T, B, H):
+    raise ValueError(f"{fn}: d_hs must have shape {(T, B, H)} ([T, B, H]); got "
+                     f"{tuple(d_hs.shape)}.")
+  if readout is None:
+    return d_hs, empty, empty
+  dz, V = readout
+  if dz.ndim != 3 or tuple(dz.shape[:2]) != (T, B) or tuple(V.shape) != (dz.shape[-1], H):
+    raise ValueError(f"{fn}: readout must be (dz [T, B, O], V [O, H]) with T={T}, B={B}, "
+                     f"H={H}; got dz {tuple(dz.shape)}, V {tuple(V.shape)}.")
+  if dz.dtype != jnp.float32 or V.dtype != jnp.float32:
+    raise ValueError(f"{fn}: readout must be float32; got dz {dz.dtype}, V {V.dtype}.")
+  return (empty if d_hs is None else d_hs), dz, V
+
+
+def readout_fuses(output: int, hidden: int) -> bool:
+  """Whether a backward loop should take the readout's `dz [T, B, O]` and `V [O, H]` instead of
+  `d_hs [T, B, H]` (`READOUT_MAX_BYTES`)."""
+  return 4 * output * hidden <= READOUT_MAX_BYTES
+
+
 def _require_library() -> None:
   if library() is None:
     raise RuntimeError(f"jaxrnn's native kernels are not available: {build_error()}")
@@ -284,21 +318,26 @@ def elman_forward(xs: jax.Array, U: jax.Array, W: jax.Array, bias: jax.Array, h0
       xs, U, W, bias, h0, threads=np.int64(threads_for(B, H)), activation=act)
 
 
-def elman_backward(W: jax.Array, hs: jax.Array, d_hs: jax.Array, dh_T: jax.Array,
-                   activation: str = "tanh") -> tuple[jax.Array, jax.Array]:
+def elman_backward(W: jax.Array, hs: jax.Array, d_hs: Optional[jax.Array], dh_T: jax.Array,
+                   activation: str = "tanh", readout=None) -> tuple[jax.Array, jax.Array]:
   """The Elman manual-backward loop: from `elman_forward`'s `hs [T, B, H]`, the output cotangent
   `d_hs [T, B, H]` and the final state's `dh_T [B, H]` -> `e [H, T, B]` and `dh_0 [B, H]`, where
   `e` holds `delta_t = dL/dz_t = (d_hs[t] + delta_{t+1} W) f'(h_t)` (which is `dL/da_t` and
   `dL/db` per step) transposed and rolled by one step: `e[:, t - 1] = delta_t`, and
   `e[:, T - 1] = delta_0`. Transposed, the weight gradients' GEMMs read it without a copy;
   rolled, `e @ hs` is `dW` but for `delta_0 (h_0 - h_{T-1})^T`, with no shifted copy of `hs`
-  (`jnp.roll(e, 1, axis=1)` is `delta^T`)."""
+  (`jnp.roll(e, 1, axis=1)` is `delta^T`).
+
+  `readout = (dz [T, B, O], V [O, H])` fuses the readout `z_t = V h_t + c`: the loop adds
+  `dz_t V` to `d_hs[t]` (then `d_hs` may be None: none but the readout's). The same holds for
+  `lstm_backward` and `gru_backward`."""
   _require_library()
   T, B, H = hs.shape
   act = _activation(activation)
+  d_hs, dz, V = _cotangent("elman_backward", d_hs, readout, T, B, H)
   out = (jax.ShapeDtypeStruct((H, T, B), jnp.float32), jax.ShapeDtypeStruct((B, H), jnp.float32))
   return jax.ffi.ffi_call("jaxrnn_elman_backward", out, vmap_method="sequential")(
-      W, hs, d_hs, dh_T, threads=np.int64(threads_for(B, H)), activation=act)
+      W, hs, d_hs, dh_T, dz, V, threads=np.int64(threads_for(B, H)), activation=act)
 
 
 def lstm_forward(xs: jax.Array, U: jax.Array, W: jax.Array, bias: jax.Array, h0: jax.Array,
@@ -323,8 +362,8 @@ def lstm_forward(xs: jax.Array, U: jax.Array, W: jax.Array, bias: jax.Array, h0:
   return hs, cs, tuple(s)
 
 
-def lstm_backward(W: jax.Array, s, cs: jax.Array, c0: jax.Array, d_hs: jax.Array,
-                  dh_T: jax.Array, dc_T: jax.Array
+def lstm_backward(W: jax.Array, s, cs: jax.Array, c0: jax.Array, d_hs: Optional[jax.Array],
+                  dh_T: jax.Array, dc_T: jax.Array, readout=None
                   ) -> tuple[tuple[jax.Array, ...], jax.Array, jax.Array]:
   """The LSTM manual-backward loop: from `lstm_forward`'s `s` (its tuple of arrays), `cs` and
   `c0`, the output cotangent `d_hs [T, B, H]` and the final carry's `(dh_T, dc_T) [B, H]` ->
@@ -334,15 +373,16 @@ def lstm_backward(W: jax.Array, s, cs: jax.Array, c0: jax.Array, d_hs: jax.Array
 
   Where `s` is gate-major, each piece of `d_a` takes its `s` piece's buffer
   (`input_output_aliases`; XLA copies `s` first only where it is still needed afterwards): a
-  training step holds one set of gate arrays, not two."""
+  training step holds one set of gate arrays, not two. `readout` as in `elman_backward`."""
   _require_library()
   T, B, H = cs.shape
   _check_residuals("lstm_backward", "s", "lstm", s, B, T, H)
+  d_hs, dz, V = _cotangent("lstm_backward", d_hs, readout, T, B, H)
   out = (jax.ShapeDtypeStruct((B, H), jnp.float32),) * 2 + _residuals("lstm", B, T, H, True)
   dh0, dc0, *d_a = jax.ffi.ffi_call(
       "jaxrnn_lstm_backward", out, vmap_method="sequential",
-      input_output_aliases=_aliases(B, 6, 2, len(s)))(
-      W, cs, c0, d_hs, dh_T, dc_T, *s, threads=np.int64(threads_for(B, H)),
+      input_output_aliases=_aliases(B, 8, 2, len(s)))(
+      W, cs, c0, d_hs, dh_T, dc_T, dz, V, *s, threads=np.int64(threads_for(B, H)),
       gate_major=np.int64(gate_major(B)))
   return tuple(d_a), dh0, dc0
 
@@ -364,8 +404,8 @@ def gru_forward(xs: jax.Array, U: jax.Array, W: jax.Array, b: jax.Array, bh: jax
   return hs, tuple(res)
 
 
-def gru_backward(W: jax.Array, res, hs: jax.Array, h0: jax.Array, d_hs: jax.Array,
-                 dh_T: jax.Array) -> tuple[tuple[jax.Array, ...], jax.Array]:
+def gru_backward(W: jax.Array, res, hs: jax.Array, h0: jax.Array, d_hs: Optional[jax.Array],
+                 dh_T: jax.Array, readout=None) -> tuple[tuple[jax.Array, ...], jax.Array]:
   """The GRU manual-backward loop: from `gru_forward`'s `res` (its tuple of arrays) and `hs`,
   `h0`, the output cotangent `d_hs [T, B, H]` and the final state's `dh_T [B, H]` -> the
   pre-activation gradients transposed, d_r | d_z | d_n r | d_n in the pieces of `res` but always
@@ -373,13 +413,15 @@ def gru_backward(W: jax.Array, res, hs: jax.Array, h0: jax.Array, d_hs: jax.Arra
   `d_r | d_z | d_n`), and `dh_0 [B, H]`. Where the residuals are gate-major, each gradient piece
   takes the buffer of the residual piece in its place (`input_output_aliases`, as in
   `lstm_backward`); the whole layout keeps `[3H, T, B]` apart so that the GEMM for `W` reads it
-  as it is, where a slice of one `[4H, T, B]` array was a copy (79 MB per GRU-large step)."""
+  as it is, where a slice of one `[4H, T, B]` array was a copy (79 MB per GRU-large step).
+  `readout` as in `elman_backward`."""
   _require_library()
   T, B, H = hs.shape
   _check_residuals("gru_backward", "res", "gru", res, B, T, H)
+  d_hs, dz, V = _cotangent("gru_backward", d_hs, readout, T, B, H)
   out = (jax.ShapeDtypeStruct((B, H), jnp.float32),) + _residuals("gru", B, T, H, True)
   dh0, *d = jax.ffi.ffi_call("jaxrnn_gru_backward", out, vmap_method="sequential",
-                             input_output_aliases=_aliases(B, 5, 1, len(res)))(
-      W, hs, h0, d_hs, dh_T, *res, threads=np.int64(threads_for(B, H)),
+                             input_output_aliases=_aliases(B, 7, 1, len(res)))(
+      W, hs, h0, d_hs, dh_T, dz, V, *res, threads=np.int64(threads_for(B, H)),
       gate_major=np.int64(gate_major(B)))
   return tuple(d), dh0

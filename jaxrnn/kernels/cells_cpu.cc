@@ -28,6 +28,8 @@
 // GRU backward, per step, with dh = d_hs[t] + dh z_{t+1} + (d_rec_{t+1} W):
 //   d_n = dh (1 - z)(1 - n^2);  d_r = d_n rec_n r (1 - r);  d_z = dh (h_{t-1} - n) z (1 - z)
 //   d_a = [d_r | d_z | d_n] (for U, b);  d_rec = [d_r | d_z | d_n r] (for W, bh, and dh_{t-1})
+// Each backward may fuse the readout z_t = V h_t + c: given dz [T, B, O] and V [O, H], it adds
+//   d_hs[t] = dz_t V to the state gradient itself, by the step's GEMM code (`Readout`).
 //
 // Vectors are GCC/Clang vector extensions (16 floats): AVX-512 with -march=native on x86, split
 // by the compiler into whatever the target has elsewhere.
@@ -515,6 +517,16 @@ void ForwardLoop(Pool& pool, int T, int B, int H, int threads, int nres, const B
   });
 }
 
+// The readout `z_t = V h_t + c` fused into a backward loop: its `d_hs[t] = dL/dz_t V` added to
+// `dh` (each thread its own units, after the step's recurrent GEMM, by the same GEMM) instead of
+// read from a `[T, B, H]` array, which is then never written (26 MB per large step). `dz` null:
+// none. `vc` is V [O, H] packed by PackColumns.
+struct Readout {
+  const float* dz = nullptr;  // [T, B, O]
+  const float* vc = nullptr;
+  int O = 0;
+};
+
 // The backward loop shared by the cells: for every step, from the last, each thread takes its
 // 16-unit chunks in turn: reads the chunk's `nres` residual blocks `res` (GetBlock, into its own
 // [4][B, 16] scratch `tile` where they are gate-major), computes their `nd` blocks of gate
@@ -525,15 +537,18 @@ void ForwardLoop(Pool& pool, int T, int B, int H, int threads, int nres, const B
 // Two blocks in turn: a thread may start step t-1's gates while the other still reads step t's.
 // With `roll` = 1 step t's gradients go to column t - 1 of `d` and step 0's to column T - 1 (the
 // Elman cell's, whose `dW` then multiplies `hs` as it is instead of a shifted copy of it).
+// With a readout `ro`, `dh` takes its `d_hs[t]` before step t's gates (which then read no d_hs).
 template <bool kAdd, typename Pool, typename Gates>
 void BackwardLoop(Pool& pool, int T, int B, int H, int G, const float* W, int nres,
                   const Block (&res)[4], int nd, const Block (&d)[4], float* rows, float* dh,
-                  int threads, Gates gates, int roll = 0) {
+                  int threads, Gates gates, const Readout& ro, int roll = 0) {
   const int ld = nd * H;
   Parallel(pool, threads, [&](int p, int n, SpinBarrier& barrier) {
     int j0, j1;
     Share(H / kLanes, n, p, &j0, &j1);
     std::vector<float> tile(4 * (size_t)B * kLanes);
+    if (ro.dz)  // d_hs[T - 1] of the readout, before the first step's gates
+      BwdGemm<true>(ro.dz + (size_t)(T - 1) * B * ro.O, B, ro.O, ro.O, ro.vc, H, dh, j0, j1);
     for (int t = T - 1; t >= 0; --t) {
       float* block = rows + (size_t)(t & 1) * B * ld;
       for (int u = j0 * kLanes; u < j1 * kLanes; u += kLanes) {
@@ -546,6 +561,8 @@ void BackwardLoop(Pool& pool, int T, int B, int H, int G, const float* W, int nr
       }
       barrier.Wait();
       BwdGemm<kAdd>(block, B, ld, G, W, H, dh, j0, j1);
+      if (ro.dz && t > 0)
+        BwdGemm<true>(ro.dz + (size_t)(t - 1) * B * ro.O, B, ro.O, ro.O, ro.vc, H, dh, j0, j1);
     }
   });
 }
@@ -593,7 +610,7 @@ struct LstmBwd {
   int B, H;
   const float* cs;    // [T, B, H]
   const float* c0;    // [B, H]
-  const float* d_hs;  // [T, B, H]
+  const float* d_hs;  // [T, B, H], or null (a fused readout adds it to dh)
   float* dh;          // [B, H]: d_hT in, then (d_a_{t+1} W), finally dL/dh_0
   float* dc;          // [B, H]: d_cT in, carried, finally dL/dc_0
 };
@@ -606,7 +623,8 @@ inline void LstmBwdGates(const LstmBwd& x, int t, int u, const Rows (&s)[4], flo
     const size_t row = (size_t)t * B + b;
     float* d_a = rows + (size_t)b * G;
     const size_t i = (size_t)b * H + u;
-    vf dh = load(x.d_hs + row * H + u) + load(x.dh + i);
+    vf dh = load(x.dh + i);
+    if (x.d_hs) dh += load(x.d_hs + row * H + u);
     vf c = load(x.cs + row * H + u);
     vf c_prev = t == 0 ? load(x.c0 + i) : load(x.cs + (row - B) * H + u);
     vf si = s[0][b], sf = s[1][b], sg = s[2][b], so = s[3][b];
@@ -661,7 +679,7 @@ struct GruBwd {
   int B, H;
   const float* hs;    // [T, B, H]
   const float* h0;    // [B, H]
-  const float* d_hs;  // [T, B, H]
+  const float* d_hs;  // [T, B, H], or null (a fused readout adds it to dh)
   float* dh;          // [B, H]: d_hT in, then dh z + (d_rec W), finally dL/dh_0
 };
 
@@ -673,7 +691,8 @@ inline void GruBwdGates(const GruBwd& x, int t, int u, const Rows (&res)[4], flo
     const size_t row = (size_t)t * B + b;
     float* d_rec = rows + (size_t)b * ld;
     const size_t i = (size_t)b * H + u;
-    vf dh = load(x.d_hs + row * H + u) + load(x.dh + i);
+    vf dh = load(x.dh + i);
+    if (x.d_hs) dh += load(x.d_hs + row * H + u);
     vf h_prev = t == 0 ? load(x.h0 + i) : load(x.hs + (row - B) * H + u);
     vf rg = res[0][b], zg = res[1][b], n = res[2][b], rec_n = res[3][b];
     vf d_n = dh * (1.0f - zg) * (1.0f - n * n);
@@ -739,7 +758,7 @@ inline void ElmanFwdTile(const ElmanFwd& x, int t, int r0, int j) {
 struct ElmanBwd {
   int B, H;
   const float* hs;    // [T, B, H]
-  const float* d_hs;  // [T, B, H]
+  const float* d_hs;  // [T, B, H], or null (a fused readout adds it to dh)
   float* dh;          // [B, H]: d_hT in, then delta_{t+1} W, finally dL/dh_0
 };
 
@@ -750,7 +769,8 @@ inline void ElmanBwdGates(const ElmanBwd& x, int t, int u, float* rows) {
   const int H = x.H, B = x.B;
   for (int b = 0; b < B; ++b) {
     const size_t row = (size_t)t * B + b;
-    vf dh = load(x.d_hs + row * H + u) + load(x.dh + (size_t)b * H + u);
+    vf dh = load(x.dh + (size_t)b * H + u);
+    if (x.d_hs) dh += load(x.d_hs + row * H + u);
     store(rows + (size_t)b * H + u, dh * GradFromOutput<kAct>(load(x.hs + row * H + u)));
   }
 }
@@ -864,6 +884,31 @@ ffi::Error ArgBlocks(const char* cell, const char* name, ffi::RemainingArgs args
       blocks);
 }
 
+// The output cotangent of a backward loop: `d_hs` [T, B, H], or, with the readout fused, `dz`
+// [T, B, O] and `v` [O, H] (then `d_hs` may be empty: no other use of the states). Empty `dz`
+// and `v` ([0]): no readout.
+ffi::Error Cotangent(const char* cell, F32 d_hs, F32 dz, F32 v, int64_t T, int64_t B, int64_t H,
+                     const float** d_hs_data, std::vector<float>* vc, Readout* ro) {
+  const std::string what = std::string("jaxrnn ") + cell + " kernel: ";
+  const bool fused = dz.element_count() != 0 || v.element_count() != 0;
+  const size_t states = (size_t)(T * B * H);
+  if (d_hs.element_count() != states && !(fused && d_hs.element_count() == 0))
+    return ffi::Error::InvalidArgument(what + "expected d_hs of T B H = " +
+                                       std::to_string(states) + " floats" +
+                                       (fused ? " (or none, with the readout)" : ""));
+  *d_hs_data = d_hs.element_count() ? d_hs.typed_data() : nullptr;
+  if (!fused) return ffi::Error::Success();
+  auto zd = dz.dimensions(), vd = v.dimensions();
+  if (zd.size() != 3 || zd[0] != T || zd[1] != B || vd.size() != 2 || vd[0] != zd[2] ||
+      vd[1] != H || zd[2] < 1)
+    return ffi::Error::InvalidArgument(what + "expected dz [T, B, O] and V [O, H] with T=" +
+                                       std::to_string(T) + " B=" + std::to_string(B) + " H=" +
+                                       std::to_string(H));
+  *vc = PackColumns(v.typed_data(), zd[2], H);
+  *ro = Readout{dz.typed_data(), vc->data(), (int)zd[2]};
+  return ffi::Error::Success();
+}
+
 ffi::Error LstmForwardImpl(F32 xs, F32 u, F32 w, F32 bias, F32 h0, F32 c0, F32Out hs, F32Out cs,
                            ffi::RemainingRets s, int64_t threads, int64_t gate_major,
                            ffi::ThreadPool pool) {
@@ -887,8 +932,9 @@ ffi::Error LstmForwardImpl(F32 xs, F32 u, F32 w, F32 bias, F32 h0, F32 c0, F32Ou
   return ffi::Error::Success();
 }
 
-ffi::Error LstmBackwardImpl(F32 w, F32 cs, F32 c0, F32 d_hs, F32 dh_T, F32 dc_T,
-                            ffi::RemainingArgs s, F32Out dh0, F32Out dc0, ffi::RemainingRets d_a,
+ffi::Error LstmBackwardImpl(F32 w, F32 cs, F32 c0, F32 d_hs, F32 dh_T, F32 dc_T, F32 dz,
+                            F32 v, ffi::RemainingArgs s, F32Out dh0, F32Out dc0,
+                            ffi::RemainingRets d_a,
                             int64_t threads, int64_t gate_major, ffi::ThreadPool pool) {
   auto dims = cs.dimensions();  // [T, B, H]
   if (dims.size() != 3) return ffi::Error::InvalidArgument("jaxrnn lstm kernel: cs must be 3-D");
@@ -900,15 +946,21 @@ ffi::Error LstmBackwardImpl(F32 w, F32 cs, F32 c0, F32 d_hs, F32 dh_T, F32 dc_T,
     return err;
   std::memcpy(dh0->typed_data(), dh_T.typed_data(), sizeof(float) * B * H);
   std::memcpy(dc0->typed_data(), dc_T.typed_data(), sizeof(float) * B * H);
+  const float* d_hs_data;
+  std::vector<float> vc;
+  Readout ro;
+  if (auto err = Cotangent("lstm", d_hs, dz, v, T, B, H, &d_hs_data, &vc, &ro); err.failure())
+    return err;
   std::vector<float> rows(2 * (size_t)B * G), wc = PackColumns(w.typed_data(), G, H);
-  LstmBwd x{(int)B, (int)H, cs.typed_data(), c0.typed_data(), d_hs.typed_data(),
-            dh0->typed_data(), dc0->typed_data()};
+  LstmBwd x{(int)B, (int)H, cs.typed_data(), c0.typed_data(), d_hs_data, dh0->typed_data(),
+            dc0->typed_data()};
   BackwardLoop<false>(pool, (int)T, (int)B, (int)H, (int)G, wc.data(), 4, res, 4,
                       d, rows.data(), x.dh,
                       Threads(threads, pool, H),
                       [&](int t, int u, const Rows (&s)[4], float* rows) {
                         LstmBwdGates(x, t, u, s, rows);
-                      });
+                      },
+                      ro);
   return ffi::Error::Success();
 }
 
@@ -934,7 +986,8 @@ ffi::Error GruForwardImpl(F32 xs, F32 u, F32 w, F32 b, F32 bh, F32 h0, F32Out hs
   return ffi::Error::Success();
 }
 
-ffi::Error GruBackwardImpl(F32 w, F32 hs, F32 h0, F32 d_hs, F32 dh_T, ffi::RemainingArgs res,
+ffi::Error GruBackwardImpl(F32 w, F32 hs, F32 h0, F32 d_hs, F32 dh_T, F32 dz, F32 v,
+                           ffi::RemainingArgs res,
                            F32Out dh0, ffi::RemainingRets d, int64_t threads, int64_t gate_major,
                            ffi::ThreadPool pool) {
   auto dims = hs.dimensions();
@@ -946,15 +999,20 @@ ffi::Error GruBackwardImpl(F32 w, F32 hs, F32 h0, F32 d_hs, F32 dh_T, ffi::Remai
   if (auto err = RetBlocks("gru", "d", d, T, B, H, /*gate_major=*/true, out); err.failure())
     return err;
   std::memcpy(dh0->typed_data(), dh_T.typed_data(), sizeof(float) * B * H);
+  const float* d_hs_data;
+  std::vector<float> vc;
+  Readout ro;
+  if (auto err = Cotangent("gru", d_hs, dz, v, T, B, H, &d_hs_data, &vc, &ro); err.failure())
+    return err;
   std::vector<float> rows(2 * (size_t)B * 4 * H), wc = PackColumns(w.typed_data(), G, H);
-  GruBwd x{(int)B, (int)H, hs.typed_data(), h0.typed_data(), d_hs.typed_data(),
-           dh0->typed_data()};
+  GruBwd x{(int)B, (int)H, hs.typed_data(), h0.typed_data(), d_hs_data, dh0->typed_data()};
   BackwardLoop<true>(pool, (int)T, (int)B, (int)H, (int)G, wc.data(), 4, in, 4,
                      out, rows.data(), x.dh,
                      Threads(threads, pool, H),
                      [&](int t, int u, const Rows (&r)[4], float* rows) {
                        GruBwdGates(x, t, u, r, rows);
-                     });
+                     },
+                     ro);
   return ffi::Error::Success();
 }
 
@@ -997,15 +1055,21 @@ ffi::Error ElmanForwardImpl(F32 xs, F32 u, F32 w, F32 bias, F32 h0, F32Out hs, i
   return ffi::Error::Success();
 }
 
-ffi::Error ElmanBackwardImpl(F32 w, F32 hs, F32 d_hs, F32 dh_T, F32Out d_t, F32Out dh0,
+ffi::Error ElmanBackwardImpl(F32 w, F32 hs, F32 d_hs, F32 dh_T, F32 dz, F32 v, F32Out d_t,
+                             F32Out dh0,
                              int64_t threads, int64_t activation, ffi::ThreadPool pool) {
   auto dims = hs.dimensions();  // [T, B, H]
   if (dims.size() != 3) return ffi::Error::InvalidArgument("jaxrnn elman kernel: hs must be 3-D");
   const int64_t T = dims[0], B = dims[1], H = dims[2];
   if (auto err = CheckElman(T, B, 1, H, w.dimensions()[0], activation); err.failure()) return err;
+  const float* d_hs_data;
+  std::vector<float> vc;
+  Readout ro;
+  if (auto err = Cotangent("elman", d_hs, dz, v, T, B, H, &d_hs_data, &vc, &ro); err.failure())
+    return err;
   std::memcpy(dh0->typed_data(), dh_T.typed_data(), sizeof(float) * B * H);
   std::vector<float> rows(2 * (size_t)B * H), wc = PackColumns(w.typed_data(), H, H);
-  ElmanBwd x{(int)B, (int)H, hs.typed_data(), d_hs.typed_data(), dh0->typed_data()};
+  ElmanBwd x{(int)B, (int)H, hs.typed_data(), d_hs_data, dh0->typed_data()};
   Block none[4] = {}, d[4];
   Blocks(d_t->typed_data(), 1, H, T, B, /*gate_major=*/true, d);
   WithActivation(activation, [&](auto act) {
@@ -1015,7 +1079,7 @@ ffi::Error ElmanBackwardImpl(F32 w, F32 hs, F32 d_hs, F32 dh_T, F32Out d_t, F32O
                         [&](int t, int u, const Rows (&)[4], float* rows) {
                           ElmanBwdGates<kAct>(x, t, u, rows);
                         },
-                        /*roll=*/1);
+                        ro, /*roll=*/1);
   });
   return ffi::Error::Success();
 }
@@ -1038,8 +1102,10 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxrnnElmanBackward, ElmanBackwardImpl,
                               ffi::Ffi::Bind()
                                   .Arg<F32>()  // W [H, H]
                                   .Arg<F32>()  // hs [T, B, H]
-                                  .Arg<F32>()  // d_hs [T, B, H]
+                                  .Arg<F32>()  // d_hs [T, B, H] (or [0] with a readout)
                                   .Arg<F32>()  // dh_T [B, H]
+                                  .Arg<F32>()  // dz [T, B, O] of a fused readout, or [0]
+                                  .Arg<F32>()  // V [O, H] of a fused readout, or [0]
                                   .Ret<F32>()  // delta^T [H, T, B]
                                   .Ret<F32>()  // dh_0 [B, H]
                                   .Attr<int64_t>("threads")
@@ -1069,9 +1135,11 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxrnnLstmBackward, LstmBackwardImpl,
                                   .Arg<F32>()  // W [4H, H]
                                   .Arg<F32>()  // cs [T, B, H]
                                   .Arg<F32>()  // c0 [B, H]
-                                  .Arg<F32>()  // d_hs [T, B, H]
+                                  .Arg<F32>()  // d_hs [T, B, H] (or [0] with a readout)
                                   .Arg<F32>()  // dh_T [B, H]
                                   .Arg<F32>()  // dc_T [B, H]
+                                  .Arg<F32>()  // dz [T, B, O] of a fused readout, or [0]
+                                  .Arg<F32>()  // V [O, H] of a fused readout, or [0]
                                   .RemainingArgs()  // s (aliased with d_a where gate-major)
                                   .Ret<F32>()  // dh_0 [B, H]
                                   .Ret<F32>()  // dc_0 [B, H]
@@ -1099,8 +1167,10 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxrnnGruBackward, GruBackwardImpl,
                                   .Arg<F32>()  // W [3H, H]
                                   .Arg<F32>()  // hs [T, B, H]
                                   .Arg<F32>()  // h0 [B, H]
-                                  .Arg<F32>()  // d_hs [T, B, H]
+                                  .Arg<F32>()  // d_hs [T, B, H] (or [0] with a readout)
                                   .Arg<F32>()  // dh_T [B, H]
+                                  .Arg<F32>()  // dz [T, B, O] of a fused readout, or [0]
+                                  .Arg<F32>()  // V [O, H] of a fused readout, or [0]
                                   .RemainingArgs()  // r | z | n | rec_n (aliased with d)
                                   .Ret<F32>()  // dh_0 [B, H]
                                   .RemainingRets()  // d = (d_r | d_z | d_n r | d_n)^T
