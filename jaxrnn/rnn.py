@@ -245,7 +245,7 @@ def _run_direction(cell, params, xs, carry0, mask_tm, backward, unroll, impl="se
 
 
 def _run_direction_remat(cell, params, xs, carry0, mask_tm, backward, unroll, impl, chunk,
-                         matmul_dtype=None):
+                         matmul_dtype=None, out=None):
   """`_run_direction` that keeps only the carries at chunk boundaries for the backward pass.
 
   The sequence is cut into chunks of `chunk` steps (the last one padded with masked steps); a
@@ -253,6 +253,10 @@ def _run_direction_remat(cell, params, xs, carry0, mask_tm, backward, unroll, im
   chunk's forward (residuals included) just before running that chunk's backward. Peak memory
   for residuals drops from `O(T)` to `O(T / chunk + chunk)`; with `chunk ~ sqrt(T)` that is
   `O(sqrt(T))`, for about one extra forward pass of compute. Time-major, as `_run_direction`.
+
+  `out` (`[k, B, H] -> [k, B, O]`, e.g. the loss's readout), where given, is applied to each
+  chunk's states inside the checkpoint, and its outputs are returned instead of `hs`: then no
+  `[T, B, H]` array is kept at all, nor its gradient (the chunk's are recomputed).
   """
   t, b = xs.shape[:2]
   n = -(-t // chunk)
@@ -268,10 +272,10 @@ def _run_direction_remat(cell, params, xs, carry0, mask_tm, backward, unroll, im
   def body(carry, inputs):
     x, m = inputs
     hs, carry = _run_direction(cell, params, x, carry, m, backward, unroll, impl, matmul_dtype)
-    return carry, hs
+    return carry, (hs if out is None else out(hs))
 
-  carry_T, hs = jax.lax.scan(body, tuple(carry0), (xs_c, m_c))             # hs [n, k, B, H]
-  return hs.reshape((n * chunk,) + hs.shape[2:])[:t], carry_T
+  carry_T, ys = jax.lax.scan(body, tuple(carry0), (xs_c, m_c))             # [n, k, B, H or O]
+  return ys.reshape((n * chunk,) + ys.shape[2:])[:t], carry_T
 
 
 def apply(spec: RNN, params: dict, xs: jax.Array, carry0=None, *, lengths=None, mask=None,
@@ -363,11 +367,13 @@ def _prepare(spec, params, xs, carry0, lengths, mask, key, backward, unroll, imp
 
 
 def _apply_time_major(spec, params, xs, carry0, mask, key, backward, unroll, impl, remat,
-                      matmul_dtype=None):
+                      matmul_dtype=None, top=None):
   """The stack on time-major inputs: `xs [T, B, D] -> (hs [T, B, dirs * H], carry_T)`.
 
   Every layer reads and writes time-major (the layout `lax.scan` slices), so a stack transposes
-  nothing between layers; `carry_T` is a tuple of `[K, B, H]`.
+  nothing between layers; `carry_T` is a tuple of `[K, B, H]`. With `top` (`[.., dirs * H] ->
+  [.., O]`, the loss's readout) the first result is `top(hs)`, applied inside each `remat` chunk
+  where the top layer has one direction (`_run_direction_remat`'s `out`).
   """
   t, b = xs.shape[:2]
   mask_tm = None if mask is None else mask.T
@@ -378,6 +384,7 @@ def _apply_time_major(spec, params, xs, carry0, mask, key, backward, unroll, imp
     rev_idx = _reverse_index(lens, t)
 
   finals = [[] for _ in range(spec.cell.carry_size)]
+  chunked_top = top is not None and remat is not None and not spec.bidirectional
   layer_in = xs
   for layer, entry in enumerate(params["layers"]):
     outs = []
@@ -389,8 +396,9 @@ def _apply_time_major(spec, params, xs, carry0, mask, key, backward, unroll, imp
         hs, carry_T = _run_direction(spec.cell, entry[direction], x_dir, c0, mask_tm, backward,
                                      unroll, impl, matmul_dtype)
       else:
+        out = top if chunked_top and layer == spec.num_layers - 1 else None
         hs, carry_T = _run_direction_remat(spec.cell, entry[direction], x_dir, c0, mask_tm,
-                                           backward, unroll, impl, remat, matmul_dtype)
+                                           backward, unroll, impl, remat, matmul_dtype, out)
       outs.append(hs if direction == "fwd" else _time_gather(hs, rev_idx))
       for part, c in zip(finals, carry_T):
         part.append(c)
@@ -399,6 +407,8 @@ def _apply_time_major(spec, params, xs, carry0, mask, key, backward, unroll, imp
       key, sub = jax.random.split(key)
       keep = jax.random.bernoulli(sub, 1.0 - spec.dropout, layer_in.shape)
       layer_in = jnp.where(keep, layer_in / (1.0 - spec.dropout), 0)
+  if top is not None and not chunked_top:
+    layer_in = top(layer_in)
   return layer_in, tuple(jnp.stack(part) for part in finals)
 
 
@@ -519,10 +529,10 @@ def loss(spec: RNN, params: dict, xs: jax.Array, targets: jax.Array, carry0=None
   if _fuses_readout(spec, params, xs_tm, carry0, mask, backward, impl, remat, matmul_dtype):
     z = input_recurrence_readout(spec.cell, params["layers"][0]["fwd"], params["V"],
                                  params["c"], xs_tm, tuple(c[0] for c in carry0), unroll)
-  else:
-    hs, _ = _apply_time_major(spec, params, xs_tm, carry0, mask, key, backward, unroll, impl,
-                              remat, matmul_dtype)
-    z = readout(spec, params, hs, matmul_dtype)                                   # [T, B, O]
+  else:  # the readout inside each remat chunk where it can be (no [T, B, H] kept)
+    top = lambda hs: readout(spec, params, hs, matmul_dtype)                      # noqa: E731
+    z, _ = _apply_time_major(spec, params, xs_tm, carry0, mask, key, backward, unroll, impl,
+                             remat, matmul_dtype, top)                            # [T, B, O]
   targets = jnp.swapaxes(targets if batched else targets[None], 0, 1)
   if weights is not None:
     weights = jnp.reshape(jnp.asarray(weights), xs.shape[:2])

@@ -260,11 +260,13 @@ def test_bad_spec_errors():
     rnn.step(spec, params, rnn.initial_carry(spec, params, (2,)), jnp.zeros((2, D)))
 
 
-@pytest.mark.parametrize("cell", ["elman", "lstm"])
-def test_remat_gives_the_same_values_and_gradients(cell):
-  """The memory option (chunked recomputation) changes memory, not results: T = 7 in chunks of 3."""
+@pytest.mark.parametrize("cell,layers,bidirectional", [("elman", 2, True), ("lstm", 2, True),
+                                                       ("gru", 1, False), ("lstm", 2, False)])
+def test_remat_gives_the_same_values_and_gradients(cell, layers, bidirectional):
+  """The memory option (chunked recomputation) changes memory, not results: T = 7 in chunks of 3
+  (unidirectional: the loss's readout inside each chunk)."""
   with jax.enable_x64(True):
-    spec = rnn.rnn(cell, D, H, num_layers=2, bidirectional=True, output_size=O)
+    spec = rnn.rnn(cell, D, H, num_layers=layers, bidirectional=bidirectional, output_size=O)
     params = jax.tree.map(lambda v: v.astype(jnp.float64), rnn.init(jax.random.key(11), spec))
     xs, ys, lengths = _data(dtype=jnp.float64)
     full = jax.value_and_grad(lambda p: rnn.loss(spec, p, xs, ys, lengths=lengths))(params)
@@ -278,6 +280,23 @@ def test_remat_gives_the_same_values_and_gradients(cell):
     np.testing.assert_allclose(jax.tree.leaves(carry)[0], jax.tree.leaves(carry_full)[0], rtol=1e-12)
   with pytest.raises(ValueError, match="remat must be an integer >= 1; got 0"):
     rnn.apply(spec, params, xs, remat=0)
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_remat_keeps_no_array_of_every_state(cell):
+  """With `remat` the loss applies its readout inside each chunk: the gradient's temporaries hold
+  the logits, the chunk-boundary carries and one chunk, not `hs [T, B, H]` and its gradient
+  (here 4 MB each)."""
+  t, b, d, h, o = 4000, 4, 3, 64, 2
+  spec = rnn.rnn(cell, d, h, output_size=o)
+  params = rnn.init(jax.random.key(0), spec)
+  xs, ys = jnp.ones((b, t, d)), jnp.ones((b, t, o))
+  temp = lambda remat: jax.jit(jax.grad(lambda p: rnn.loss(spec, p, xs, ys, remat=remat))).lower(
+      params).compile().memory_analysis().temp_size_in_bytes
+  states = t * b * h * 4
+  chunked, full = temp(63), temp(None)
+  assert full > 4 * states          # every step's gates, states and state gradient
+  assert chunked < states / 2, (chunked, states)
 
 
 @functools.cache
