@@ -194,11 +194,23 @@ def _scan_path(cell, unroll, params, xs, carry0):
 # The native loops. Residuals: the forward's states and gates. The backward's transposed
 # pre-activation gradients, one `[H, T, B]` array per gate block, feed the weight-gradient GEMMs as
 # stored (as `[H, T B] @ [T B, .]`; jaxrnn/kernels/cells_cpu.cc), where XLA would transpose a
-# row-major one.
+# row-major one. They come rolled by one step: column s holds step s + 1's (and the last column
+# step 0's), which pairs them with `hs[s] = h_s`, the state their step read, as they are, and with
+# the input `x_{s+1}`: the recurrent weights' gradient needs no shifted `[T, B, H]` copy of `hs`
+# (26 MB per large step), only the `[T, B, D]` input rolled, and a correction for the wrapped
+# column (step 0 read `h_0`, not `h_{T-1}`).
 
-def _h_prev(h0, hs):
-  """`h_{t-1}` for every t (`_shift_prev`), flattened over `(t, b)`: `[T B, H]`."""
-  return _shift_prev((h0,), (hs,))[0].reshape(-1, hs.shape[-1])
+def _rolled_grads(d, x_next, hs, h0):
+  """`(d x, d h_prev)` for a rolled gradient piece `d [k H, T B]`: `x_next [T B, D]` is the input
+  rolled back a step, `h_prev` the states shifted (`h_{t-1}`), which `hs [T, B, H]` and `h0 [B, H]`
+  give without a copy: `d hs + d_0 (h_0 - h_{T-1})`, `d_0` the last `B` columns (step 0's)."""
+  T, B = hs.shape[:2]
+  return d @ x_next, d @ hs.reshape(-1, hs.shape[-1]) + d[:, (T - 1) * B:] @ (h0 - hs[-1])
+
+
+def _unroll_inputs_grad(d_xs, shape):
+  """`d_xs` from rolled pieces (`[T B, D]`, row block s for step s + 1) -> `[T, B, D]` by step."""
+  return jnp.roll(d_xs.reshape(shape), 1, axis=0)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
@@ -219,21 +231,21 @@ def _flat(pieces):
 
 
 def _weight_grads(params, xs, h0, hs, d_pieces):
-  """The LSTM's gradients of `U, W, b, bh` and of `xs` from its loop's transposed pre-activation
-  gradients `dL/da_t = dL/dr_t`, as the loop left them: one or more gate-major pieces
-  `[k H, T, B]`, together `[4H, T, B]` (`jaxrnn.kernels.pieces`). Each a GEMM over all `T B`
-  positions per piece, on the pieces as stored. (The GRU's `dL/da` and `dL/dr` differ in their n
-  block, and the Elman loop's output is rolled by a step: each has its own.)"""
+  """The Elman cell's and the LSTM's gradients of `U, W, b, bh` and of `xs` from their loops'
+  transposed pre-activation gradients `dL/da_t = dL/dr_t`, as the loop left them: one or more
+  gate-major pieces `[k H, T, B]`, rolled (together `[H, T, B]`, or `[4H, T, B]`:
+  `jaxrnn.kernels.pieces`). Each a GEMM over all `T B` positions per piece, on the pieces as
+  stored. (The GRU's `dL/da` and `dL/dr` differ in their n block: it has its own.)"""
   d_a = _flat(d_pieces)
-  x, h_prev = xs.reshape(-1, xs.shape[-1]), _h_prev(h0, hs)
+  x_next = jnp.roll(xs, -1, axis=0).reshape(-1, xs.shape[-1])      # x_{s+1 mod T}
+  dU, dW = zip(*[_rolled_grads(d, x_next, hs, h0) for d in d_a])
   db = jnp.concatenate([jnp.sum(d, axis=1) for d in d_a])
-  d_params = {"U": jnp.concatenate([d @ x for d in d_a]),
-              "W": jnp.concatenate([d @ h_prev for d in d_a]), "b": db}
+  d_params = {"U": jnp.concatenate(dU), "W": jnp.concatenate(dW), "b": db}
   if "bh" in params:
     d_params["bh"] = db
   rows = np.cumsum([0] + [d.shape[0] for d in d_a])
   d_xs = sum(d.T @ params["U"][r:r + d.shape[0]] for r, d in zip(rows, d_a))
-  return d_params, d_xs.reshape(xs.shape)
+  return d_params, _unroll_inputs_grad(d_xs, xs.shape)
 
 
 def _native_elman_bwd(activation, residuals, cotangents):
@@ -245,20 +257,7 @@ def _elman_grads(activation, residuals, d_hs, d_carry_T, readout=None):
   params, xs, h0, hs = residuals
   (dh_T,) = d_carry_T
   e, dh0 = kernels.elman_backward(params["W"], hs, d_hs, dh_T, activation, readout)
-  # e[:, s] = delta_{s+1 mod T}: e pairs with hs[s] = h_s as delta_{t} with h_{t-1}, but for the
-  # wrapped column (delta_0 with h_{T-1} instead of h_0), and with x_{s+1}: so dW needs no
-  # shifted [T, B, H] copy of hs (26 MB per large step), only the [T, B, D] input rolled.
-  T, hidden = hs.shape[0], hs.shape[-1]
-  e2 = e.reshape(hidden, -1)                           # [H, T B]
-  delta_0 = e[:, T - 1]                                # [H, B]
-  xs_next = jnp.roll(xs, -1, axis=0)                   # x_{s+1 mod T}
-  db = jnp.sum(e2, axis=1)
-  d_params = {"U": e2 @ xs_next.reshape(-1, xs.shape[-1]),
-              "W": e2 @ hs.reshape(-1, hidden) + delta_0 @ (h0 - hs[-1]), "b": db}
-  if "bh" in params:
-    d_params["bh"] = db
-  d_xs = jnp.roll((e2.T @ params["U"]).reshape(xs.shape), 1, axis=0)
-  return d_params, d_xs, (dh0,)
+  return (*_weight_grads(params, xs, h0, hs, (e,)), (dh0,))
 
 
 _native_elman.defvjp(_native_elman_fwd, _native_elman_bwd)
@@ -310,24 +309,24 @@ def _gru_grads(residuals, d_hs, d_carry_T, readout=None):
   (dh_T,) = d_carry_T
   hidden = hs.shape[-1]
   d_pieces, dh0 = kernels.gru_backward(params["W"], res, hs, h0, d_hs, dh_T, readout)
-  x, h_prev, U = xs.reshape(-1, xs.shape[-1]), _h_prev(h0, hs), params["U"]
+  x, U = jnp.roll(xs, -1, axis=0).reshape(-1, xs.shape[-1]), params["U"]   # x_{s+1 mod T}
   *d_rec, d_n = _flat(d_pieces)   # d_rec: [d_r | d_z | d_n r] whole, or one piece per block
   sums = jnp.concatenate([jnp.sum(d, axis=1) for d in d_rec])
+  dU_rec, dW = zip(*[_rolled_grads(d, x, hs, h0) for d in d_rec])
   if len(d_rec) == 1:
     # U and b take [d_r | d_z | d_n]: the GEMM over d_rec's three blocks, then its n r rows
     # dropped (cheaper than a copy of d_rec's first two blocks), and d_n's own.
     (d_rec3,) = d_rec
-    dU_rz = (d_rec3 @ x)[:2 * hidden]
+    dU_rz = dU_rec[0][:2 * hidden]
     U_rz = jnp.concatenate([U[:2 * hidden], jnp.zeros_like(U[:hidden])])
     d_xs = d_rec3.T @ U_rz + d_n.T @ U[2 * hidden:]
   else:
     d_r, d_z, _ = d_rec
-    dU_rz = jnp.concatenate([d_r @ x, d_z @ x])
+    dU_rz = jnp.concatenate(dU_rec[:2])
     d_xs = d_r.T @ U[:hidden] + d_z.T @ U[hidden:2 * hidden] + d_n.T @ U[2 * hidden:]
-  d_params = {"U": jnp.concatenate([dU_rz, d_n @ x]),
-              "W": jnp.concatenate([d @ h_prev for d in d_rec]),
+  d_params = {"U": jnp.concatenate([dU_rz, d_n @ x]), "W": jnp.concatenate(dW),
               "b": jnp.concatenate([sums[:2 * hidden], jnp.sum(d_n, axis=1)]), "bh": sums}
-  return d_params, d_xs.reshape(xs.shape), (dh0,)
+  return d_params, _unroll_inputs_grad(d_xs, xs.shape), (dh0,)
 
 
 _native_gru.defvjp(_native_gru_fwd, _native_gru_bwd)

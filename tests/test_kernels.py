@@ -97,6 +97,12 @@ def test_forward_matches_numpy_reference(cell, b, t, d, h):
     np.testing.assert_allclose(residuals, want, rtol=0, atol=5e-6)
 
 
+def _unroll(d_t):
+  """The loops' gradients `[., T, B]` come rolled by one step (column t - 1 holds step t's, the
+  last column step 0's): back in step order."""
+  return jnp.concatenate([d_t[:, -1:], d_t[:, :-1]], axis=1)
+
+
 @pytest.mark.parametrize("cell", ["lstm", "gru"])
 @pytest.mark.parametrize("b,t,d,h", SHAPES)
 def test_backward_matches_scan_backward(cell, b, t, d, h):
@@ -113,14 +119,14 @@ def test_backward_matches_scan_backward(cell, b, t, d, h):
     d_pieces, *d_carry = jax.jit(kernels.lstm_backward)(params["W"], s, saved.carries[1], c0,
                                                         d_hs, *d_T)
     assert [d.shape for d in d_pieces] == [(4 * h, t, b)]  # gate-major, whatever b
-    d_t = jnp.concatenate(d_pieces)
+    d_t = _unroll(jnp.concatenate(d_pieces))
     d_a, d_rec_rows = d_t, d_t
   else:
     _, res = _forward(cell, params, xs, h0, c0)
     d_pieces, *d_carry = jax.jit(kernels.gru_backward)(params["W"], res, saved.carries[0], h0,
                                                        d_hs, *d_T)
     assert [d.shape for d in d_pieces] == [(3 * h, t, b), (h, t, b)]
-    d_t = jnp.concatenate(d_pieces)                         # d_r | d_z | d_n r | d_n
+    d_t = _unroll(jnp.concatenate(d_pieces))                # d_r | d_z | d_n r | d_n
     d_a = jnp.concatenate([d_t[:2 * h], d_t[3 * h:]])
     d_rec_rows = d_t[:3 * h]
   assert rel_err(jnp.transpose(d_a, (1, 2, 0)), want_da) < 1e-5
@@ -174,8 +180,7 @@ def test_elman_backward_matches_scan_backward(f, two_biases, b, t, d, h):
   e, dh0 = jax.jit(functools.partial(kernels.elman_backward, activation=f))(
       params["W"], saved.carries[0], d_hs, dh_T)
   assert e.shape == (h, t, b)
-  # Rolled by one step: column t - 1 holds delta_t, the last column delta_0.
-  d_t = jnp.concatenate([e[:, t - 1:], e[:, :t - 1]], axis=1)
+  d_t = _unroll(e)                     # rolled: column t - 1 holds delta_t, the last delta_0
   assert rel_err(jnp.transpose(d_t, (1, 2, 0)), want_da) < 1e-5
   h_prev = jnp.concatenate([h0[None], saved.carries[0][:-1]]).reshape(t * b, h)
   assert rel_err(d_t.reshape(h, t * b) @ h_prev, d_rec["W"]) < 1e-5

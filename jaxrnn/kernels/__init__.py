@@ -369,7 +369,8 @@ def lstm_backward(W: jax.Array, s, cs: jax.Array, c0: jax.Array, d_hs: Optional[
   `c0`, the output cotangent `d_hs [T, B, H]` and the final carry's `(dh_T, dc_T) [B, H]` ->
   `d_a`, `dL/dz_t` (which is `dL/da_t` and `dL/d(b + bh)` per step) transposed, in the pieces of
   `s` but always gate-major (`[4H, T, B]`, or four `[H, T, B]`: the layout in which the weight
-  gradients' GEMMs read it without a copy), and `(dh_0, dc_0) [B, H]`.
+  gradients' GEMMs read it without a copy), and `(dh_0, dc_0) [B, H]`. Rolled by one step, as
+  `elman_backward`'s: column `t - 1` holds step `t`'s, the last column step 0's.
 
   Where `s` is gate-major, each piece of `d_a` takes its `s` piece's buffer
   (`input_output_aliases`; XLA copies `s` first only where it is still needed afterwards): a
@@ -410,7 +411,7 @@ def gru_backward(W: jax.Array, res, hs: jax.Array, h0: jax.Array, d_hs: Optional
   `h0`, the output cotangent `d_hs [T, B, H]` and the final state's `dh_T [B, H]` -> the
   pre-activation gradients transposed, d_r | d_z | d_n r | d_n in the pieces of `res` but always
   gate-major (`W`, `bh` and the recurrence take `d_r | d_z | d_n r`, `U` and `b` take
-  `d_r | d_z | d_n`), and `dh_0 [B, H]`. Where the residuals are gate-major, each gradient piece
+  `d_r | d_z | d_n`), rolled by one step as `elman_backward`'s, and `dh_0 [B, H]`. Where the residuals are gate-major, each gradient piece
   takes the buffer of the residual piece in its place (`input_output_aliases`, as in
   `lstm_backward`); the whole layout keeps `[3H, T, B]` apart so that the GEMM for `W` reads it
   as it is, where a slice of one `[4H, T, B]` array was a copy (79 MB per GRU-large step).

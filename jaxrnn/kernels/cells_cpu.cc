@@ -12,8 +12,9 @@
 //
 // Elman forward, per step: h_t = f(U x_t + b + W h_{t-1} (+ bh)), f = tanh, sigmoid or relu.
 // Elman backward, per step t = T-1 .. 0: delta_t = (d_hs[t] + delta_{t+1} W) f'(h_t), f' from h_t
-//   (tanh: 1 - h_t^2), kept transposed [H, T, B] and rolled one step (delta_t in column t - 1,
-//   delta_0 in column T - 1) for the weight gradients.
+//   (tanh: 1 - h_t^2), kept transposed [H, T, B].
+// Every backward writes its gradients transposed and rolled by one step (step t's in column t - 1,
+// step 0's in column T - 1), for the weight gradients (BackwardLoop).
 // LSTM forward, per step (z = U x_t + b + W h_{t-1} + bh, the g block scaled by 2):
 //   s_t = sigmoid(scale * z)  [B, 4H] (kept as 4 gate-major [H, T, B] arrays); i, f, o = blocks
 //   of s;
@@ -431,7 +432,8 @@ inline void StoreTransposed(const float* rows, int ld, int g0, int B, int T, int
 // The forward's residuals are kept gate-major, one [H, T, B] array per block (element (g, t, b) at
 // (g T + t) B + b), the layout of the backward's transposed output, which XLA places in the same
 // buffers (`input_output_aliases`): the backward reads step t's residuals of its units, then
-// writes their gradients over them, so a training step holds one such set instead of two (GRU
+// writes gradients over them (step t + 1's: rolled, see BackwardLoop), so a training step holds
+// one such set instead of two (GRU
 // large 317 -> 244 ms, its page faults 91k -> 39k per step). Below 16 batch rows a gate-major row
 // of one step is less than a cache line and the rows of a step lie T B floats apart (at B = 1
 // every unit in its own 4 KB page, all in one L1 set: the small LSTM's loops ran 1.5-2x slower),
@@ -535,29 +537,42 @@ struct Readout {
 // where the residuals are gate-major too, the same buffers, over what was just read). After a
 // barrier (the block complete), its units of `dh_{t-1}` += the block's first G columns times W.
 // Two blocks in turn: a thread may start step t-1's gates while the other still reads step t's.
-// With `roll` = 1 step t's gradients go to column t - 1 of `d` and step 0's to column T - 1 (the
-// Elman cell's, whose `dW` then multiplies `hs` as it is instead of a shifted copy of it).
+// The gradients are rolled by one step: step t's go to column t - 1 of `d` and step 0's to column
+// T - 1, so that the weight gradients multiply `hs` as it is, where `h_{t-1}` is a shifted copy of
+// it (26 MB per large step). Where the residuals are gate-major, `d` has their buffers, and column
+// t - 1 still holds step t - 1's residuals: before writing over them each thread moves its units
+// of them into its own `saved` [its chunks][nres][B, 16] (the tiles GetBlock makes), where step
+// t - 1 reads them.
 // With a readout `ro`, `dh` takes its `d_hs[t]` before step t's gates (which then read no d_hs).
 template <bool kAdd, typename Pool, typename Gates>
 void BackwardLoop(Pool& pool, int T, int B, int H, int G, const float* W, int nres,
                   const Block (&res)[4], int nd, const Block (&d)[4], float* rows, float* dh,
-                  int threads, Gates gates, const Readout& ro, int roll = 0) {
+                  int threads, Gates gates, const Readout& ro) {
   const int ld = nd * H;
+  const bool major = nres > 0 && res[0].ld == 0;
+  const size_t tile_floats = (size_t)B * kLanes;
   Parallel(pool, threads, [&](int p, int n, SpinBarrier& barrier) {
     int j0, j1;
     Share(H / kLanes, n, p, &j0, &j1);
-    std::vector<float> tile(4 * (size_t)B * kLanes);
+    std::vector<float> tile(4 * tile_floats);
+    std::vector<float> saved(major ? (size_t)(j1 - j0) * nres * tile_floats : 0);
     if (ro.dz)  // d_hs[T - 1] of the readout, before the first step's gates
       BwdGemm<true>(ro.dz + (size_t)(T - 1) * B * ro.O, B, ro.O, ro.O, ro.vc, H, dh, j0, j1);
     for (int t = T - 1; t >= 0; --t) {
       float* block = rows + (size_t)(t & 1) * B * ld;
       for (int u = j0 * kLanes; u < j1 * kLanes; u += kLanes) {
+        float* sv = major ? saved.data() + (size_t)(u / kLanes - j0) * nres * tile_floats : nullptr;
         Rows in[4];
         for (int blk = 0; blk < nres; ++blk)
-          in[blk] = GetBlock(res[blk], T, B, t, u, tile.data() + (size_t)blk * B * kLanes);
+          in[blk] = major && t < T - 1
+                        ? Rows{sv + blk * tile_floats, (size_t)kLanes}
+                        : GetBlock(res[blk], T, B, t, u, tile.data() + blk * tile_floats);
         gates(t, u, in, block);
+        if (major && t > 0)
+          for (int blk = 0; blk < nres; ++blk)
+            LoadGateMajor(res[blk].base, T, B, t - 1, u, sv + blk * tile_floats);
         for (int blk = 0; blk < nd; ++blk)
-          StoreTransposed(block, ld, blk * H + u, B, T, (t + T - roll) % T, u, d[blk].base);
+          StoreTransposed(block, ld, blk * H + u, B, T, (t + T - 1) % T, u, d[blk].base);
       }
       barrier.Wait();
       BwdGemm<kAdd>(block, B, ld, G, W, H, dh, j0, j1);
@@ -1079,7 +1094,7 @@ ffi::Error ElmanBackwardImpl(F32 w, F32 hs, F32 d_hs, F32 dh_T, F32 dz, F32 v, F
                         [&](int t, int u, const Rows (&)[4], float* rows) {
                           ElmanBwdGates<kAct>(x, t, u, rows);
                         },
-                        ro, /*roll=*/1);
+                        ro);
   });
   return ffi::Error::Success();
 }
