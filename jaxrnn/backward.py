@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxrnn import kernels
-from jaxrnn.cells.base import Carry, Cell, add_bias, einsum, matmul, recurrent_projector
+from jaxrnn.cells.base import Carry, Cell, add_bias, einsum, matmul, readout, recurrent_projector
 from jaxrnn.scan import Saved, project_time_major, recurrent_scan
 
 
@@ -337,30 +337,25 @@ _native_gru.defvjp(_native_gru_fwd, _native_gru_bwd)
 # itself (`kernels.READOUT_MAX_BYTES`), so the step never writes `d_hs [T, B, H]`.
 
 def input_recurrence_readout(cell: Cell, params: dict, V: jax.Array, c: jax.Array,
-                             xs: jax.Array, carry0: Carry, unroll: int = 1) -> jax.Array:
-  """`input_recurrence` and the readout: `xs [T, B, D]` (time-major) -> `z [T, B, O]`,
-  `z_t = V h_t + c` (`V [O, H]`, `c [O]`), differentiable with respect to every argument (the
-  final carry is not returned: nothing downstream may use it or `hs`).
+                             xs: jax.Array, carry0: Carry, unroll: int = 1
+                             ) -> tuple[jax.Array, Carry]:
+  """`input_recurrence` and the readout (`cells.base.readout`): `xs [T, B, D]` (time-major) ->
+  `(z [T, B, O], carry_T)`, `z_t = V h_t + c` (`V [O, H]`, `c [O]`), differentiable with respect
+  to every argument; `hs` itself is not returned (nothing downstream may read it).
 
   Where `kernels.applies` and `kernels.readout_fuses(O, H)` (callers check both), on CPU the
   native backward loop takes `dL/dz` and `V` in place of `d_hs`; elsewhere
-  (`lax.platform_dependent`) the `lax.scan` path and the readout, as `input_recurrence` then
-  `jaxrnn.rnn.readout`."""
+  (`lax.platform_dependent`) the `lax.scan` path and the readout."""
   family, activation = kernels.kernel_name(cell)
   native = functools.partial(_native_readout, family, activation)
   cell_params = {k: params[k] for k in ("U", "W", "b", "bh") if k in params}
 
   def scan(params, V, c, xs, carry0):
-    hs, _ = _scan_path(cell, unroll, params, xs, carry0)
-    return _readout(hs, V, c)
+    hs, carry_T = _scan_path(cell, unroll, params, xs, carry0)
+    return readout(hs, V, c), carry_T
 
   return jax.lax.platform_dependent(cell_params, V, c, xs, tuple(carry0), cpu=native,
                                     default=scan)
-
-
-def _readout(hs, V, c):
-  """`z = hs V^T + c`, `[T, B, H] -> [T, B, O]` (as `jaxrnn.rnn.readout`)."""
-  return add_bias(matmul(hs, V.T), c)
 
 
 # Each family's forward and gradients as `(activation, ...)` (the LSTM and GRU take none).
@@ -377,12 +372,12 @@ def _native_readout(family, activation, params, V, c, xs, carry0):
 
 def _native_readout_fwd(family, activation, params, V, c, xs, carry0):
   (hs, carry_T), residuals = _NATIVE_FWD[family](activation, params, xs, carry0)
-  return _readout(hs, V, c), (residuals, V, hs, carry_T)
+  return (readout(hs, V, c), carry_T), (residuals, V, hs)
 
 
-def _native_readout_bwd(family, activation, residuals, d_z):
-  residuals, V, hs, carry_T = residuals
-  d_carry_T = tuple(jnp.zeros_like(h) for h in carry_T)
+def _native_readout_bwd(family, activation, residuals, cotangents):
+  residuals, V, hs = residuals
+  d_z, d_carry_T = cotangents
   # A 2-D GEMM over the T B rows: einsum's "tbo,tbh->oh" contracted (b, t) and transposed both
   # operands first (a 26 MB copy of hs per large step).
   d_V = d_z.reshape(-1, d_z.shape[-1]).T @ hs.reshape(-1, hs.shape[-1])

@@ -367,13 +367,15 @@ def _prepare(spec, params, xs, carry0, lengths, mask, key, backward, unroll, imp
 
 
 def _apply_time_major(spec, params, xs, carry0, mask, key, backward, unroll, impl, remat,
-                      matmul_dtype=None, top=None):
+                      matmul_dtype=None, with_readout=False):
   """The stack on time-major inputs: `xs [T, B, D] -> (hs [T, B, dirs * H], carry_T)`.
 
   Every layer reads and writes time-major (the layout `lax.scan` slices), so a stack transposes
-  nothing between layers; `carry_T` is a tuple of `[K, B, H]`. With `top` (`[.., dirs * H] ->
-  [.., O]`, the loss's readout) the first result is `top(hs)`, applied inside each `remat` chunk
-  where the top layer has one direction (`_run_direction_remat`'s `out`).
+  nothing between layers; `carry_T` is a tuple of `[K, B, H]`. `with_readout` (the loss): the
+  first result is the readout's `z [T, B, O]` instead, applied where it saves the most memory
+  when the top layer has one direction: fused into the native backward loop
+  (`_fuses_readout`), or inside each `remat` chunk (`_run_direction_remat`'s `out`), where no
+  `[T, B, H]` state gradient is kept for the top layer; else after the stack.
   """
   t, b = xs.shape[:2]
   mask_tm = None if mask is None else mask.T
@@ -383,22 +385,32 @@ def _apply_time_major(spec, params, xs, carry0, mask, key, backward, unroll, imp
             else jnp.sum(mask, axis=1, dtype=jnp.int32))
     rev_idx = _reverse_index(lens, t)
 
+  def top(hs):
+    return base.readout(hs, params["V"], params["c"], matmul_dtype)
+
   finals = [[] for _ in range(spec.cell.carry_size)]
-  chunked_top = top is not None and remat is not None and not spec.bidirectional
+  top_inside = False  # whether the top layer's outputs are already the readout's
   layer_in = xs
   for layer, entry in enumerate(params["layers"]):
     outs = []
+    last = with_readout and not spec.bidirectional and layer == spec.num_layers - 1
     for j, direction in enumerate(spec.directions):
       k = layer * spec.num_directions + j
       c0 = tuple(c[k] for c in carry0)
       x_dir = layer_in if direction == "fwd" else _time_gather(layer_in, rev_idx)
-      if remat is None:
+      if last and remat is None and _fuses_readout(spec, entry[direction], x_dir, c0, mask_tm,
+                                                   backward, impl, matmul_dtype, params["V"]):
+        hs, carry_T = input_recurrence_readout(spec.cell, entry[direction], params["V"],
+                                               params["c"], x_dir, c0, unroll)
+        top_inside = True
+      elif remat is None:
         hs, carry_T = _run_direction(spec.cell, entry[direction], x_dir, c0, mask_tm, backward,
                                      unroll, impl, matmul_dtype)
       else:
-        out = top if chunked_top and layer == spec.num_layers - 1 else None
         hs, carry_T = _run_direction_remat(spec.cell, entry[direction], x_dir, c0, mask_tm,
-                                           backward, unroll, impl, remat, matmul_dtype, out)
+                                           backward, unroll, impl, remat, matmul_dtype,
+                                           top if last else None)
+        top_inside = last
       outs.append(hs if direction == "fwd" else _time_gather(hs, rev_idx))
       for part, c in zip(finals, carry_T):
         part.append(c)
@@ -407,7 +419,7 @@ def _apply_time_major(spec, params, xs, carry0, mask, key, backward, unroll, imp
       key, sub = jax.random.split(key)
       keep = jax.random.bernoulli(sub, 1.0 - spec.dropout, layer_in.shape)
       layer_in = jnp.where(keep, layer_in / (1.0 - spec.dropout), 0)
-  if top is not None and not chunked_top:
+  if with_readout and not top_inside:
     layer_in = top(layer_in)
   return layer_in, tuple(jnp.stack(part) for part in finals)
 
@@ -484,22 +496,19 @@ def readout(spec: RNN, params: dict, hs: jax.Array, matmul_dtype=None) -> jax.Ar
     raise ValueError(f"hs must have shape [..., {fan_in}] (dirs * H, the top layer's outputs); "
                      f"got {list(_checks.shape_of(hs))}.")
   matmul_dtype = _checks.matmul_dtype("matmul_dtype", matmul_dtype)
-  return base.add_bias(base.matmul(hs, params["V"].T, matmul_dtype), params["c"])
+  return base.readout(hs, params["V"], params["c"], matmul_dtype)
 
 
-def _fuses_readout(spec, params, xs_tm, carry0, mask, backward, impl, remat, matmul_dtype):
-  """Whether `loss` runs its one layer and the readout as `input_recurrence_readout`: one
-  unidirectional layer on the native loops (`kernels.applies`), the manual backward, no remat, and
-  a readout small enough to fuse into the backward loop (`kernels.readout_fuses`). Nothing else
-  reads `hs` or the final carry there, so the loop may take `dL/dz` in place of `dL/dh`."""
-  if (spec.num_layers != 1 or spec.bidirectional or mask is not None or backward != "manual"
-      or impl != "sequential" or remat is not None or matmul_dtype is not None):
+def _fuses_readout(spec, layer_params, xs, carry0, mask_tm, backward, impl, matmul_dtype, V):
+  """Whether the loss's top layer (unidirectional; `_apply_time_major`) runs with the readout
+  as `input_recurrence_readout`: the layer on the native loops (`kernels.applies`), the manual
+  backward, and a readout small enough to fuse into its backward loop (`kernels.readout_fuses`).
+  Nothing but the readout reads that layer's `hs`, so the loop may take `dL/dz` in place of
+  `dL/dh`."""
+  if backward != "manual" or impl != "sequential" or V.dtype != jnp.float32:
     return False
-  layer = params["layers"][0]["fwd"]
-  if not kernels.applies(spec.cell, layer, xs_tm, tuple(c[0] for c in carry0), None, None):
-    return False
-  return params["V"].dtype == jnp.float32 and kernels.readout_fuses(spec.output_size,
-                                                                    spec.hidden_size)
+  return (kernels.applies(spec.cell, layer_params, xs, carry0, mask_tm, matmul_dtype)
+          and kernels.readout_fuses(spec.output_size, spec.hidden_size))
 
 
 def loss(spec: RNN, params: dict, xs: jax.Array, targets: jax.Array, carry0=None, *,
@@ -525,14 +534,8 @@ def loss(spec: RNN, params: dict, xs: jax.Array, targets: jax.Array, carry0=None
     weights = mask
   # Time-major from here on: the scan's outputs feed the readout and the loss without a transpose
   # of `hs`; only the (narrower) targets and weights are transposed.
-  xs_tm = jnp.swapaxes(xs, 0, 1)
-  if _fuses_readout(spec, params, xs_tm, carry0, mask, backward, impl, remat, matmul_dtype):
-    z = input_recurrence_readout(spec.cell, params["layers"][0]["fwd"], params["V"],
-                                 params["c"], xs_tm, tuple(c[0] for c in carry0), unroll)
-  else:  # the readout inside each remat chunk where it can be (no [T, B, H] kept)
-    top = lambda hs: readout(spec, params, hs, matmul_dtype)                      # noqa: E731
-    z, _ = _apply_time_major(spec, params, xs_tm, carry0, mask, key, backward, unroll, impl,
-                             remat, matmul_dtype, top)                            # [T, B, O]
+  z, _ = _apply_time_major(spec, params, jnp.swapaxes(xs, 0, 1), carry0, mask, key, backward,
+                           unroll, impl, remat, matmul_dtype, with_readout=True)  # [T, B, O]
   targets = jnp.swapaxes(targets if batched else targets[None], 0, 1)
   if weights is not None:
     weights = jnp.reshape(jnp.asarray(weights), xs.shape[:2])

@@ -573,9 +573,15 @@ def test_the_loss_fuses_its_readout_into_the_backward_loop(cell):
     assert rel_err(g, w) < 1e-5 and rel_err(u, w) < 1e-5
 
 
-@pytest.mark.parametrize("cell,h", [("elman", 64), ("lstm", 16), ("gru", 16)])
-def test_the_fused_readout_under_vmap_equals_autodiff(cell, h):
-  spec = rnn.rnn(cell, 4, h, output_size=3)
+@pytest.mark.parametrize("cell,h,layers", [("elman", 64, 1), ("lstm", 16, 1), ("gru", 16, 1),
+                                           ("lstm", 16, 2), ("elman", 64, 2)])
+def test_the_fused_readout_under_vmap_and_in_stacks_equals_autodiff(cell, h, layers, monkeypatch):
+  """The top layer of a unidirectional stack takes the readout into its loop too."""
+  calls = []
+  real = rnn.input_recurrence_readout
+  monkeypatch.setattr(rnn, "input_recurrence_readout",
+                      lambda *a, **k: calls.append(1) or real(*a, **k))
+  spec = rnn.rnn(cell, 4, h, num_layers=layers, output_size=3)
   params = rnn.init(jax.random.key(4), spec)
   xs = jax.random.normal(jax.random.key(5), (2, 3, 6, 4))        # a vmapped axis of 2
   ys = jax.random.normal(jax.random.key(6), (2, 3, 6, 3))
@@ -585,6 +591,7 @@ def test_the_fused_readout_under_vmap_equals_autodiff(cell, h):
     return jax.jit(jax.vmap(g, in_axes=(None, 0, 0)))
 
   got, want = grads("manual")(params, xs, ys), grads("autodiff")(params, xs, ys)
+  assert calls == [1]                                  # the top layer only, traced once
   assert f"jaxrnn_{cell}_backward" in grads("manual").lower(params, xs, ys).as_text()
   for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
     assert rel_err(g, w) < 1e-5
@@ -604,6 +611,34 @@ def test_off_the_cpu_the_fused_readout_is_the_scan_and_the_readout(cell, monkeyp
   assert not _custom_calls(manual.lower(params).as_text())
   want = jax.grad(lambda p: rnn.loss(spec, p, xs, ys, backward="autodiff"))(params)
   for g, w in zip(jax.tree.leaves(manual(params)), jax.tree.leaves(want)):
+    assert rel_err(g, w) < 1e-5
+
+
+@pytest.mark.parametrize("cell,h", [("elman", 64), ("lstm", 16), ("gru", 16)])
+def test_the_fused_readouts_final_carry_is_differentiable(cell, h, monkeypatch):
+  """`input_recurrence_readout` returns `(z, carry_T)`: a loss of both gives the gradients of the
+  scan branch (autodiff through the readout, the same cell's scan backward)."""
+  from jaxrnn import backward
+  spec = rnn.rnn(cell, 3, h, output_size=2)
+  params = rnn.init(jax.random.key(20), spec)
+  layer, V, c = params["layers"][0]["fwd"], params["V"], params["c"]
+  xs = jax.random.normal(jax.random.key(21), (5, 4, 3))               # time-major
+  carry0 = tuple(0.1 * jax.random.normal(jax.random.key(22 + i), (4, h))
+                 for i in range(2 if cell == "lstm" else 1))
+  wz, wc = jax.random.normal(jax.random.key(25), (5, 4, 2)), jax.random.normal(jax.random.key(26),
+                                                                            (4, h))
+
+  def f(layer, V, c, xs, carry0):
+    z, carry_T = backward.input_recurrence_readout(spec.cell, layer, V, c, xs, carry0)
+    return jnp.sum(wz * z) + sum(jnp.sum(wc * ct) for ct in carry_T)
+
+  grad = jax.grad(f, argnums=(0, 1, 2, 3, 4))
+  got = jax.jit(grad)(layer, V, c, xs, carry0)
+  assert _custom_calls(jax.jit(grad).lower(layer, V, c, xs, carry0).as_text())
+  monkeypatch.setattr(jax.lax, "platform_dependent",
+                      lambda *args, cpu, default: default(*args))
+  want = grad(layer, V, c, xs, carry0)
+  for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
     assert rel_err(g, w) < 1e-5
 
 

@@ -154,6 +154,11 @@ def recurrent_projector(params: dict, matmul_dtype=None):
   return lambda h: add_bias(matmul(h, w_t, matmul_dtype), bias)
 
 
+def readout(hs: jax.Array, V: jax.Array, c: jax.Array, matmul_dtype=None) -> jax.Array:
+  """The seed's readout `z_t = V h_t + c`: `hs [..., H]`, `V [O, H]`, `c [O]` -> `[..., O]`."""
+  return add_bias(matmul(hs, V.T, matmul_dtype), c)
+
+
 def add_bias(x: jax.Array, bias: jax.Array) -> jax.Array:
   """`x [..., G] + bias [G]` with the broadcast written out (rank promotion stays explicit)."""
   return x + jnp.reshape(bias, (1,) * (x.ndim - 1) + bias.shape)

@@ -411,10 +411,11 @@ def gru_backward(W: jax.Array, res, hs: jax.Array, h0: jax.Array, d_hs: Optional
   `h0`, the output cotangent `d_hs [T, B, H]` and the final state's `dh_T [B, H]` -> the
   pre-activation gradients transposed, d_r | d_z | d_n r | d_n in the pieces of `res` but always
   gate-major (`W`, `bh` and the recurrence take `d_r | d_z | d_n r`, `U` and `b` take
-  `d_r | d_z | d_n`), rolled by one step as `elman_backward`'s, and `dh_0 [B, H]`. Where the residuals are gate-major, each gradient piece
-  takes the buffer of the residual piece in its place (`input_output_aliases`, as in
-  `lstm_backward`); the whole layout keeps `[3H, T, B]` apart so that the GEMM for `W` reads it
-  as it is, where a slice of one `[4H, T, B]` array was a copy (79 MB per GRU-large step).
+  `d_r | d_z | d_n`), rolled by one step as `elman_backward`'s, and `dh_0 [B, H]`. Where the
+  residuals are gate-major, each gradient piece takes the buffer of the residual piece in its
+  place (`input_output_aliases`, as in `lstm_backward`); the whole layout keeps `[3H, T, B]`
+  apart so that the GEMM for `W` reads it as it is, where a slice of one `[4H, T, B]` array was a
+  copy (79 MB per GRU-large step).
   `readout` as in `elman_backward`."""
   _require_library()
   T, B, H = hs.shape

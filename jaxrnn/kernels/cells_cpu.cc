@@ -433,11 +433,11 @@ inline void StoreTransposed(const float* rows, int ld, int g0, int B, int T, int
 // (g T + t) B + b), the layout of the backward's transposed output, which XLA places in the same
 // buffers (`input_output_aliases`): the backward reads step t's residuals of its units, then
 // writes gradients over them (step t + 1's: rolled, see BackwardLoop), so a training step holds
-// one such set instead of two (GRU
-// large 317 -> 244 ms, its page faults 91k -> 39k per step). Below 16 batch rows a gate-major row
-// of one step is less than a cache line and the rows of a step lie T B floats apart (at B = 1
-// every unit in its own 4 KB page, all in one L1 set: the small LSTM's loops ran 1.5-2x slower),
-// so there the residuals stay row-major, [T, B, H] per block, and are not aliased.
+// one such set instead of two (GRU large 317 -> 244 ms, its page faults 91k -> 39k per step).
+// Below 16 batch rows a gate-major row of one step is less than a cache line and the rows of a
+// step lie T B floats apart (at B = 1 every unit in its own 4 KB page, all in one L1 set: the
+// small LSTM's loops ran 1.5-2x slower), so there the residuals stay row-major, [T, B, H] per
+// block, and are not aliased.
 //
 // One 16-unit-wide residual block of every step: gate-major from `base` (its first unit's row,
 // `ld` = 0) or row-major (`base` its first column, rows `ld` floats apart).
@@ -902,8 +902,14 @@ ffi::Error ArgBlocks(const char* cell, const char* name, ffi::RemainingArgs args
 // The output cotangent of a backward loop: `d_hs` [T, B, H], or, with the readout fused, `dz`
 // [T, B, O] and `v` [O, H] (then `d_hs` may be empty: no other use of the states). Empty `dz`
 // and `v` ([0]): no readout.
-ffi::Error Cotangent(const char* cell, F32 d_hs, F32 dz, F32 v, int64_t T, int64_t B, int64_t H,
-                     const float** d_hs_data, std::vector<float>* vc, Readout* ro) {
+struct Cotangent {
+  const float* d_hs = nullptr;  // null: none
+  std::vector<float> vc;        // V packed by PackColumns
+  Readout ro;
+};
+
+ffi::Error ReadCotangent(const char* cell, F32 d_hs, F32 dz, F32 v, int64_t T, int64_t B,
+                         int64_t H, Cotangent* out) {
   const std::string what = std::string("jaxrnn ") + cell + " kernel: ";
   const bool fused = dz.element_count() != 0 || v.element_count() != 0;
   const size_t states = (size_t)(T * B * H);
@@ -911,7 +917,7 @@ ffi::Error Cotangent(const char* cell, F32 d_hs, F32 dz, F32 v, int64_t T, int64
     return ffi::Error::InvalidArgument(what + "expected d_hs of T B H = " +
                                        std::to_string(states) + " floats" +
                                        (fused ? " (or none, with the readout)" : ""));
-  *d_hs_data = d_hs.element_count() ? d_hs.typed_data() : nullptr;
+  out->d_hs = d_hs.element_count() ? d_hs.typed_data() : nullptr;
   if (!fused) return ffi::Error::Success();
   auto zd = dz.dimensions(), vd = v.dimensions();
   if (zd.size() != 3 || zd[0] != T || zd[1] != B || vd.size() != 2 || vd[0] != zd[2] ||
@@ -919,8 +925,8 @@ ffi::Error Cotangent(const char* cell, F32 d_hs, F32 dz, F32 v, int64_t T, int64
     return ffi::Error::InvalidArgument(what + "expected dz [T, B, O] and V [O, H] with T=" +
                                        std::to_string(T) + " B=" + std::to_string(B) + " H=" +
                                        std::to_string(H));
-  *vc = PackColumns(v.typed_data(), zd[2], H);
-  *ro = Readout{dz.typed_data(), vc->data(), (int)zd[2]};
+  out->vc = PackColumns(v.typed_data(), zd[2], H);
+  out->ro = Readout{dz.typed_data(), out->vc.data(), (int)zd[2]};
   return ffi::Error::Success();
 }
 
@@ -961,13 +967,10 @@ ffi::Error LstmBackwardImpl(F32 w, F32 cs, F32 c0, F32 d_hs, F32 dh_T, F32 dc_T,
     return err;
   std::memcpy(dh0->typed_data(), dh_T.typed_data(), sizeof(float) * B * H);
   std::memcpy(dc0->typed_data(), dc_T.typed_data(), sizeof(float) * B * H);
-  const float* d_hs_data;
-  std::vector<float> vc;
-  Readout ro;
-  if (auto err = Cotangent("lstm", d_hs, dz, v, T, B, H, &d_hs_data, &vc, &ro); err.failure())
-    return err;
+  Cotangent ct;
+  if (auto err = ReadCotangent("lstm", d_hs, dz, v, T, B, H, &ct); err.failure()) return err;
   std::vector<float> rows(2 * (size_t)B * G), wc = PackColumns(w.typed_data(), G, H);
-  LstmBwd x{(int)B, (int)H, cs.typed_data(), c0.typed_data(), d_hs_data, dh0->typed_data(),
+  LstmBwd x{(int)B, (int)H, cs.typed_data(), c0.typed_data(), ct.d_hs, dh0->typed_data(),
             dc0->typed_data()};
   BackwardLoop<false>(pool, (int)T, (int)B, (int)H, (int)G, wc.data(), 4, res, 4,
                       d, rows.data(), x.dh,
@@ -975,7 +978,7 @@ ffi::Error LstmBackwardImpl(F32 w, F32 cs, F32 c0, F32 d_hs, F32 dh_T, F32 dc_T,
                       [&](int t, int u, const Rows (&s)[4], float* rows) {
                         LstmBwdGates(x, t, u, s, rows);
                       },
-                      ro);
+                      ct.ro);
   return ffi::Error::Success();
 }
 
@@ -1014,20 +1017,17 @@ ffi::Error GruBackwardImpl(F32 w, F32 hs, F32 h0, F32 d_hs, F32 dh_T, F32 dz, F3
   if (auto err = RetBlocks("gru", "d", d, T, B, H, /*gate_major=*/true, out); err.failure())
     return err;
   std::memcpy(dh0->typed_data(), dh_T.typed_data(), sizeof(float) * B * H);
-  const float* d_hs_data;
-  std::vector<float> vc;
-  Readout ro;
-  if (auto err = Cotangent("gru", d_hs, dz, v, T, B, H, &d_hs_data, &vc, &ro); err.failure())
-    return err;
+  Cotangent ct;
+  if (auto err = ReadCotangent("gru", d_hs, dz, v, T, B, H, &ct); err.failure()) return err;
   std::vector<float> rows(2 * (size_t)B * 4 * H), wc = PackColumns(w.typed_data(), G, H);
-  GruBwd x{(int)B, (int)H, hs.typed_data(), h0.typed_data(), d_hs_data, dh0->typed_data()};
+  GruBwd x{(int)B, (int)H, hs.typed_data(), h0.typed_data(), ct.d_hs, dh0->typed_data()};
   BackwardLoop<true>(pool, (int)T, (int)B, (int)H, (int)G, wc.data(), 4, in, 4,
                      out, rows.data(), x.dh,
                      Threads(threads, pool, H),
                      [&](int t, int u, const Rows (&r)[4], float* rows) {
                        GruBwdGates(x, t, u, r, rows);
                      },
-                     ro);
+                     ct.ro);
   return ffi::Error::Success();
 }
 
@@ -1077,14 +1077,11 @@ ffi::Error ElmanBackwardImpl(F32 w, F32 hs, F32 d_hs, F32 dh_T, F32 dz, F32 v, F
   if (dims.size() != 3) return ffi::Error::InvalidArgument("jaxrnn elman kernel: hs must be 3-D");
   const int64_t T = dims[0], B = dims[1], H = dims[2];
   if (auto err = CheckElman(T, B, 1, H, w.dimensions()[0], activation); err.failure()) return err;
-  const float* d_hs_data;
-  std::vector<float> vc;
-  Readout ro;
-  if (auto err = Cotangent("elman", d_hs, dz, v, T, B, H, &d_hs_data, &vc, &ro); err.failure())
-    return err;
+  Cotangent ct;
+  if (auto err = ReadCotangent("elman", d_hs, dz, v, T, B, H, &ct); err.failure()) return err;
   std::memcpy(dh0->typed_data(), dh_T.typed_data(), sizeof(float) * B * H);
   std::vector<float> rows(2 * (size_t)B * H), wc = PackColumns(w.typed_data(), H, H);
-  ElmanBwd x{(int)B, (int)H, hs.typed_data(), d_hs_data, dh0->typed_data()};
+  ElmanBwd x{(int)B, (int)H, hs.typed_data(), ct.d_hs, dh0->typed_data()};
   Block none[4] = {}, d[4];
   Blocks(d_t->typed_data(), 1, H, T, B, /*gate_major=*/true, d);
   WithActivation(activation, [&](auto act) {
@@ -1094,7 +1091,7 @@ ffi::Error ElmanBackwardImpl(F32 w, F32 hs, F32 d_hs, F32 dh_T, F32 dz, F32 v, F
                         [&](int t, int u, const Rows (&)[4], float* rows) {
                           ElmanBwdGates<kAct>(x, t, u, rows);
                         },
-                        ro);
+                        ct.ro);
   });
   return ffi::Error::Success();
 }
