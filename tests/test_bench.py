@@ -42,6 +42,11 @@ def test_tiny_run_writes_the_documented_json(tmp_path):
     assert len(r["ms_per_step_repeats"]) == 2
     assert r["loss_check"] == "ok"
   assert "| elman | tiny |" in md.read_text()
+  if os.path.exists("/proc/cpuinfo"):  # the CPU's generation, which a VM's model name may hide
+    with open("/proc/cpuinfo") as f:
+      family = next(line.split(":")[1].strip() for line in f if line.startswith("cpu family"))
+    assert report["machine"]["cpu_id"]["family"] == family
+    assert f"family {family} model" in md.read_text()
 
 
 def test_device_cuda_needs_a_gpu_backend():

@@ -124,14 +124,30 @@ def _comma_list(name, value, valid):
 # Machine and reference measurements.
 
 
+def _cpu_id_text(cpu_id) -> str:
+  """" (AuthenticAMD family 26 model 2, AVX-512)" from `machine_info`'s `cpu_id`, or ""."""
+  if not cpu_id or not cpu_id.get("family"):
+    return ""
+  return (f" ({cpu_id.get('vendor')} family {cpu_id['family']} model {cpu_id.get('model')}"
+          f"{', AVX-512' if cpu_id.get('avx512f') else ''})")
+
+
 def machine_info() -> dict:
   """CPU, cores, load, library versions and thread settings: what a reader needs to compare runs."""
   cpu = platform.processor() or "unknown"
+  cpu_id = {}
   try:
     with open("/proc/cpuinfo") as f:
-      cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")),
-                 cpu)
-  except OSError:
+      fields = dict(line.split(":", 1) for line in f.read().split("\n\n")[0].splitlines()
+                    if ":" in line)
+    fields = {k.strip(): v.strip() for k, v in fields.items()}
+    cpu = fields.get("model name", cpu)
+    # A virtual machine may hide the model name ("AMD EPYC"); family and model still tell the
+    # generation (AMD family 25: Zen 3/4, 26: Zen 5).
+    cpu_id = {"vendor": fields.get("vendor_id"), "family": fields.get("cpu family"),
+              "model": fields.get("model"),
+              "avx512f": "avx512f" in fields.get("flags", "").split()}
+  except (OSError, ValueError):
     pass
   versions = {}
   for dist in ("jax", "jaxlib", "optax", "flax", "dm-haiku", "equinox", "torch", "numpy",
@@ -148,6 +164,7 @@ def machine_info() -> dict:
     commit = None
   return {
       "cpu": cpu,
+      "cpu_id": cpu_id,
       "cores": os.cpu_count(),
       "cores_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
       "platform": platform.platform(),
@@ -433,7 +450,8 @@ def markdown(report: dict, impls: list[str]) -> str:
   lines = [
       "# RNN training-step benchmark",
       "",
-      f"- machine: {machine['cpu']}, {machine['cores']} cores; {machine['platform']}; "
+      f"- machine: {machine['cpu']}{_cpu_id_text(machine.get('cpu_id'))}, {machine['cores']} "
+      f"cores; {machine['platform']}; "
       f"load average {machine.get('loadavg_start')} at start, {machine.get('loadavg_end')} at end",
       *_device_lines(machine),
       "- versions: " + ", ".join(f"{k} {v}" for k, v in machine["versions"].items() if v),
