@@ -230,16 +230,16 @@ def _flat(pieces):
   return [d.reshape(d.shape[0], -1) for d in pieces]
 
 
-def _weight_grads(params, xs, h0, hs, d_pieces):
+def _weight_grads(params, xs, h0, hs, d_pieces, db):
   """The Elman cell's and the LSTM's gradients of `U, W, b, bh` and of `xs` from their loops'
   transposed pre-activation gradients `dL/da_t = dL/dr_t`, as the loop left them: one or more
   gate-major pieces `[k H, T, B]`, rolled (together `[H, T, B]`, or `[4H, T, B]`:
-  `jaxrnn.kernels.pieces`). Each a GEMM over all `T B` positions per piece, on the pieces as
-  stored. (The GRU's `dL/da` and `dL/dr` differ in their n block: it has its own.)"""
+  `jaxrnn.kernels.pieces`), and `db [G]`, their rows summed over all `T B` positions (by the
+  loop). Each weight gradient a GEMM over all `T B` positions per piece, on the pieces as stored.
+  (The GRU's `dL/da` and `dL/dr` differ in their n block: it has its own.)"""
   d_a = _flat(d_pieces)
   x_next = jnp.roll(xs, -1, axis=0).reshape(-1, xs.shape[-1])      # x_{s+1 mod T}
   dU, dW = zip(*[_rolled_grads(d, x_next, hs, h0) for d in d_a])
-  db = jnp.concatenate([jnp.sum(d, axis=1) for d in d_a])
   d_params = {"U": jnp.concatenate(dU), "W": jnp.concatenate(dW), "b": db}
   if "bh" in params:
     d_params["bh"] = db
@@ -256,8 +256,8 @@ def _native_elman_bwd(activation, residuals, cotangents):
 def _elman_grads(activation, residuals, d_hs, d_carry_T, readout=None):
   params, xs, h0, hs = residuals
   (dh_T,) = d_carry_T
-  e, dh0 = kernels.elman_backward(params["W"], hs, d_hs, dh_T, activation, readout)
-  return (*_weight_grads(params, xs, h0, hs, (e,)), (dh0,))
+  e, dh0, db = kernels.elman_backward(params["W"], hs, d_hs, dh_T, activation, readout)
+  return (*_weight_grads(params, xs, h0, hs, (e,), db), (dh0,))
 
 
 _native_elman.defvjp(_native_elman_fwd, _native_elman_bwd)
@@ -281,8 +281,8 @@ def _native_lstm_bwd(residuals, cotangents):
 
 def _lstm_grads(residuals, d_hs, d_carry_T, readout=None):
   params, xs, (h0, c0), hs, cs, s = residuals
-  d_a, dh0, dc0 = kernels.lstm_backward(params["W"], s, cs, c0, d_hs, *d_carry_T, readout)
-  return (*_weight_grads(params, xs, h0, hs, d_a), (dh0, dc0))
+  d_a, dh0, dc0, db = kernels.lstm_backward(params["W"], s, cs, c0, d_hs, *d_carry_T, readout)
+  return (*_weight_grads(params, xs, h0, hs, d_a, db), (dh0, dc0))
 
 
 _native_lstm.defvjp(_native_lstm_fwd, _native_lstm_bwd)
@@ -308,10 +308,9 @@ def _gru_grads(residuals, d_hs, d_carry_T, readout=None):
   params, xs, h0, hs, res = residuals
   (dh_T,) = d_carry_T
   hidden = hs.shape[-1]
-  d_pieces, dh0 = kernels.gru_backward(params["W"], res, hs, h0, d_hs, dh_T, readout)
+  d_pieces, dh0, sums = kernels.gru_backward(params["W"], res, hs, h0, d_hs, dh_T, readout)
   x, U = jnp.roll(xs, -1, axis=0).reshape(-1, xs.shape[-1]), params["U"]   # x_{s+1 mod T}
   *d_rec, d_n = _flat(d_pieces)   # d_rec: [d_r | d_z | d_n r] whole, or one piece per block
-  sums = jnp.concatenate([jnp.sum(d, axis=1) for d in d_rec])
   dU_rec, dW = zip(*[_rolled_grads(d, x, hs, h0) for d in d_rec])
   if len(d_rec) == 1:
     # U and b take [d_r | d_z | d_n]: the GEMM over d_rec's three blocks, then its n r rows
@@ -325,7 +324,8 @@ def _gru_grads(residuals, d_hs, d_carry_T, readout=None):
     dU_rz = jnp.concatenate(dU_rec[:2])
     d_xs = d_r.T @ U[:hidden] + d_z.T @ U[hidden:2 * hidden] + d_n.T @ U[2 * hidden:]
   d_params = {"U": jnp.concatenate([dU_rz, d_n @ x]), "W": jnp.concatenate(dW),
-              "b": jnp.concatenate([sums[:2 * hidden], jnp.sum(d_n, axis=1)]), "bh": sums}
+              "b": jnp.concatenate([sums[:2 * hidden], sums[3 * hidden:]]),
+              "bh": sums[:3 * hidden]}
   return d_params, _unroll_inputs_grad(d_xs, xs.shape), (dh0,)
 
 

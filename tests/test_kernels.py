@@ -116,24 +116,33 @@ def test_backward_matches_scan_backward(cell, b, t, d, h):
   h_prev = jnp.concatenate([h0[None], saved.carries[0][:-1]]).reshape(t * b, h)
   if cell == "lstm":
     _, _, s = _forward(cell, params, xs, h0, c0)
-    d_pieces, *d_carry = jax.jit(kernels.lstm_backward)(params["W"], s, saved.carries[1], c0,
-                                                        d_hs, *d_T)
+    d_pieces, *d_carry, db = jax.jit(kernels.lstm_backward)(params["W"], s, saved.carries[1], c0,
+                                                            d_hs, *d_T)
     assert [d.shape for d in d_pieces] == [(4 * h, t, b)]  # gate-major, whatever b
     d_t = _unroll(jnp.concatenate(d_pieces))
     d_a, d_rec_rows = d_t, d_t
+    want_sums = {"b": d_rec["b"], "bh": d_rec["bh"]}
+    got_sums = {"b": db, "bh": db}
   else:
     _, res = _forward(cell, params, xs, h0, c0)
-    d_pieces, *d_carry = jax.jit(kernels.gru_backward)(params["W"], res, saved.carries[0], h0,
-                                                       d_hs, *d_T)
+    d_pieces, *d_carry, sums = jax.jit(kernels.gru_backward)(params["W"], res, saved.carries[0],
+                                                             h0, d_hs, *d_T)
     assert [d.shape for d in d_pieces] == [(3 * h, t, b), (h, t, b)]
     d_t = _unroll(jnp.concatenate(d_pieces))                # d_r | d_z | d_n r | d_n
     d_a = jnp.concatenate([d_t[:2 * h], d_t[3 * h:]])
     d_rec_rows = d_t[:3 * h]
+    want_sums = {"b": d_rec["b"], "bh": d_rec["bh"]}     # b: d_r | d_z | d_n; bh: d_r | d_z | d_n r
+    got_sums = {"b": jnp.concatenate([sums[:2 * h], sums[3 * h:]]), "bh": sums[:3 * h]}
   assert rel_err(jnp.transpose(d_a, (1, 2, 0)), want_da) < 1e-5
   # The recurrent rows give the scan's dW (for the GRU, through its d_n r block).
   assert rel_err(d_rec_rows.reshape(-1, t * b) @ h_prev, d_rec["W"]) < 1e-5
+  assert len(d_carry) == len(want_dcarry)
   for got, want in zip(d_carry, want_dcarry):
     assert rel_err(got, want) < 1e-5
+  # The biases' gradients, which the loop adds up itself: the scan backward's sums over T, B.
+  for k in ("b", "bh"):
+    assert got_sums[k].shape == want_sums[k].shape
+    assert rel_err(got_sums[k], want_sums[k]) < 1e-5
 
 
 def _grads(spec, backward, **kw):
@@ -177,7 +186,7 @@ def test_elman_backward_matches_scan_backward(f, two_biases, b, t, d, h):
   dh_T = jax.random.normal(ks[1], (b, h))
   d_rec, want_da, (want_dh0,) = recurrent_scan_bwd(cell, params, a, (h0,), None, saved, d_hs,
                                                    (dh_T,))
-  e, dh0 = jax.jit(functools.partial(kernels.elman_backward, activation=f))(
+  e, dh0, db = jax.jit(functools.partial(kernels.elman_backward, activation=f))(
       params["W"], saved.carries[0], d_hs, dh_T)
   assert e.shape == (h, t, b)
   d_t = _unroll(e)                     # rolled: column t - 1 holds delta_t, the last delta_0
@@ -185,6 +194,7 @@ def test_elman_backward_matches_scan_backward(f, two_biases, b, t, d, h):
   h_prev = jnp.concatenate([h0[None], saved.carries[0][:-1]]).reshape(t * b, h)
   assert rel_err(d_t.reshape(h, t * b) @ h_prev, d_rec["W"]) < 1e-5
   assert rel_err(dh0, want_dh0) < 1e-5
+  assert db.shape == (h,) and rel_err(db, d_rec["b"]) < 1e-5  # the loop's own sum over T, B
 
 
 def test_elman_kernel_rejects_a_bad_activation_by_name():

@@ -319,9 +319,11 @@ def elman_forward(xs: jax.Array, U: jax.Array, W: jax.Array, bias: jax.Array, h0
 
 
 def elman_backward(W: jax.Array, hs: jax.Array, d_hs: Optional[jax.Array], dh_T: jax.Array,
-                   activation: str = "tanh", readout=None) -> tuple[jax.Array, jax.Array]:
+                   activation: str = "tanh", readout=None
+                   ) -> tuple[jax.Array, jax.Array, jax.Array]:
   """The Elman manual-backward loop: from `elman_forward`'s `hs [T, B, H]`, the output cotangent
-  `d_hs [T, B, H]` and the final state's `dh_T [B, H]` -> `e [H, T, B]` and `dh_0 [B, H]`, where
+  `d_hs [T, B, H]` and the final state's `dh_T [B, H]` -> `e [H, T, B]`, `dh_0 [B, H]` and
+  `db [H]`, the sum of `e` over `T` and `B` (the bias gradient, added up by the loop), where
   `e` holds `delta_t = dL/dz_t = (d_hs[t] + delta_{t+1} W) f'(h_t)` (which is `dL/da_t` and
   `dL/db` per step) transposed and rolled by one step: `e[:, t - 1] = delta_t`, and
   `e[:, T - 1] = delta_0`. Transposed, the weight gradients' GEMMs read it without a copy;
@@ -330,12 +332,13 @@ def elman_backward(W: jax.Array, hs: jax.Array, d_hs: Optional[jax.Array], dh_T:
 
   `readout = (dz [T, B, O], V [O, H])` fuses the readout `z_t = V h_t + c`: the loop adds
   `dz_t V` to `d_hs[t]` (then `d_hs` may be None: none but the readout's). The same holds for
-  `lstm_backward` and `gru_backward`."""
+  `lstm_backward` and `gru_backward`, which add up their gradients' rows too."""
   _require_library()
   T, B, H = hs.shape
   act = _activation(activation)
   d_hs, dz, V = _cotangent("elman_backward", d_hs, readout, T, B, H)
-  out = (jax.ShapeDtypeStruct((H, T, B), jnp.float32), jax.ShapeDtypeStruct((B, H), jnp.float32))
+  out = (jax.ShapeDtypeStruct((H, T, B), jnp.float32), jax.ShapeDtypeStruct((B, H), jnp.float32),
+         jax.ShapeDtypeStruct((H,), jnp.float32))
   return jax.ffi.ffi_call("jaxrnn_elman_backward", out, vmap_method="sequential")(
       W, hs, d_hs, dh_T, dz, V, threads=np.int64(threads_for(B, H)), activation=act)
 
@@ -364,13 +367,14 @@ def lstm_forward(xs: jax.Array, U: jax.Array, W: jax.Array, bias: jax.Array, h0:
 
 def lstm_backward(W: jax.Array, s, cs: jax.Array, c0: jax.Array, d_hs: Optional[jax.Array],
                   dh_T: jax.Array, dc_T: jax.Array, readout=None
-                  ) -> tuple[tuple[jax.Array, ...], jax.Array, jax.Array]:
+                  ) -> tuple[tuple[jax.Array, ...], jax.Array, jax.Array, jax.Array]:
   """The LSTM manual-backward loop: from `lstm_forward`'s `s` (its tuple of arrays), `cs` and
   `c0`, the output cotangent `d_hs [T, B, H]` and the final carry's `(dh_T, dc_T) [B, H]` ->
   `d_a`, `dL/dz_t` (which is `dL/da_t` and `dL/d(b + bh)` per step) transposed, in the pieces of
   `s` but always gate-major (`[4H, T, B]`, or four `[H, T, B]`: the layout in which the weight
-  gradients' GEMMs read it without a copy), and `(dh_0, dc_0) [B, H]`. Rolled by one step, as
-  `elman_backward`'s: column `t - 1` holds step `t`'s, the last column step 0's.
+  gradients' GEMMs read it without a copy), `(dh_0, dc_0) [B, H]`, and `db [4H]`, the sum of
+  `d_a` over `T` and `B`. Rolled by one step, as `elman_backward`'s: column `t - 1` holds step
+  `t`'s, the last column step 0's.
 
   Where `s` is gate-major, each piece of `d_a` takes its `s` piece's buffer
   (`input_output_aliases`; XLA copies `s` first only where it is still needed afterwards): a
@@ -379,13 +383,14 @@ def lstm_backward(W: jax.Array, s, cs: jax.Array, c0: jax.Array, d_hs: Optional[
   T, B, H = cs.shape
   _check_residuals("lstm_backward", "s", "lstm", s, B, T, H)
   d_hs, dz, V = _cotangent("lstm_backward", d_hs, readout, T, B, H)
-  out = (jax.ShapeDtypeStruct((B, H), jnp.float32),) * 2 + _residuals("lstm", B, T, H, True)
-  dh0, dc0, *d_a = jax.ffi.ffi_call(
+  out = ((jax.ShapeDtypeStruct((B, H), jnp.float32),) * 2
+         + (jax.ShapeDtypeStruct((4 * H,), jnp.float32),) + _residuals("lstm", B, T, H, True))
+  dh0, dc0, db, *d_a = jax.ffi.ffi_call(
       "jaxrnn_lstm_backward", out, vmap_method="sequential",
-      input_output_aliases=_aliases(B, 8, 2, len(s)))(
+      input_output_aliases=_aliases(B, 8, 3, len(s)))(
       W, cs, c0, d_hs, dh_T, dc_T, dz, V, *s, threads=np.int64(threads_for(B, H)),
       gate_major=np.int64(gate_major(B)))
-  return tuple(d_a), dh0, dc0
+  return tuple(d_a), dh0, dc0, db
 
 
 def gru_forward(xs: jax.Array, U: jax.Array, W: jax.Array, b: jax.Array, bh: jax.Array,
@@ -406,12 +411,15 @@ def gru_forward(xs: jax.Array, U: jax.Array, W: jax.Array, b: jax.Array, bh: jax
 
 
 def gru_backward(W: jax.Array, res, hs: jax.Array, h0: jax.Array, d_hs: Optional[jax.Array],
-                 dh_T: jax.Array, readout=None) -> tuple[tuple[jax.Array, ...], jax.Array]:
+                 dh_T: jax.Array, readout=None
+                 ) -> tuple[tuple[jax.Array, ...], jax.Array, jax.Array]:
   """The GRU manual-backward loop: from `gru_forward`'s `res` (its tuple of arrays) and `hs`,
   `h0`, the output cotangent `d_hs [T, B, H]` and the final state's `dh_T [B, H]` -> the
   pre-activation gradients transposed, d_r | d_z | d_n r | d_n in the pieces of `res` but always
   gate-major (`W`, `bh` and the recurrence take `d_r | d_z | d_n r`, `U` and `b` take
-  `d_r | d_z | d_n`), rolled by one step as `elman_backward`'s, and `dh_0 [B, H]`. Where the
+  `d_r | d_z | d_n`), rolled by one step as `elman_backward`'s, `dh_0 [B, H]`, and `sums [4H]`,
+  each gradient row summed over `T` and `B` (`bh` takes the first 3H, `b` the first 2H and the
+  last H). Where the
   residuals are gate-major, each gradient piece takes the buffer of the residual piece in its
   place (`input_output_aliases`, as in `lstm_backward`); the whole layout keeps `[3H, T, B]`
   apart so that the GEMM for `W` reads it as it is, where a slice of one `[4H, T, B]` array was a
@@ -421,9 +429,10 @@ def gru_backward(W: jax.Array, res, hs: jax.Array, h0: jax.Array, d_hs: Optional
   T, B, H = hs.shape
   _check_residuals("gru_backward", "res", "gru", res, B, T, H)
   d_hs, dz, V = _cotangent("gru_backward", d_hs, readout, T, B, H)
-  out = (jax.ShapeDtypeStruct((B, H), jnp.float32),) + _residuals("gru", B, T, H, True)
-  dh0, *d = jax.ffi.ffi_call("jaxrnn_gru_backward", out, vmap_method="sequential",
-                             input_output_aliases=_aliases(B, 7, 1, len(res)))(
+  out = ((jax.ShapeDtypeStruct((B, H), jnp.float32), jax.ShapeDtypeStruct((4 * H,), jnp.float32))
+         + _residuals("gru", B, T, H, True))
+  dh0, sums, *d = jax.ffi.ffi_call("jaxrnn_gru_backward", out, vmap_method="sequential",
+                                   input_output_aliases=_aliases(B, 7, 2, len(res)))(
       W, hs, h0, d_hs, dh_T, dz, V, *res, threads=np.int64(threads_for(B, H)),
       gate_major=np.int64(gate_major(B)))
-  return tuple(d), dh0
+  return tuple(d), dh0, sums

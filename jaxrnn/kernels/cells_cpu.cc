@@ -29,6 +29,7 @@
 // GRU backward, per step, with dh = d_hs[t] + dh z_{t+1} + (d_rec_{t+1} W):
 //   d_n = dh (1 - z)(1 - n^2);  d_r = d_n rec_n r (1 - r);  d_z = dh (h_{t-1} - n) z (1 - z)
 //   d_a = [d_r | d_z | d_n] (for U, b);  d_rec = [d_r | d_z | d_n r] (for W, bh, and dh_{t-1})
+// Each backward also returns its gradient rows summed over T and B (the biases' gradients).
 // Each backward may fuse the readout z_t = V h_t + c: given dz [T, B, O] and V [O, H], it adds
 //   d_hs[t] = dz_t V to the state gradient itself, by the step's GEMM code (`Readout`).
 //
@@ -59,6 +60,7 @@ namespace {
 constexpr int kLanes = 16;
 typedef float vf __attribute__((vector_size(64)));
 typedef int32_t vi __attribute__((vector_size(64)));
+typedef double vd __attribute__((vector_size(128)));
 
 inline vf load(const float* p) {
   vf v;
@@ -411,16 +413,27 @@ inline void Transpose16(vf (&m)[16]) {
 // Columns [g0, g0 + 16) of the row-major step block `rows` [B, ld] into the transposed output
 // `d_t` [., T, B] at step t. XLA transposed the row-major per-step gradients twice after the loop
 // (for dW and for dU: 5.8 ms of a 48 ms LSTM char-LM step); this is one pass over L1 here.
+// With `total` (16 doubles), the columns' sums over the B rows are added to it.
 inline void StoreTransposed(const float* rows, int ld, int g0, int B, int T, int t, int out_g0,
-                            float* d_t) {
+                            float* d_t, double* total = nullptr) {
   const size_t stride = (size_t)T * B;
   float* dst = d_t + ((size_t)out_g0 * T + t) * B;
+  vf sum[2] = {};
   int b0 = 0;
   for (; b0 + kLanes <= B; b0 += kLanes) {  // 16 x 16 blocks in registers
     vf m[kLanes];
     for (int i = 0; i < kLanes; ++i) m[i] = load(rows + (size_t)(b0 + i) * ld + g0);
+    if (total)
+      for (int i = 0; i < kLanes; ++i) sum[i & 1] += m[i];
     Transpose16(m);
     for (int l = 0; l < kLanes; ++l) store(dst + l * stride + b0, m[l]);
+  }
+  if (total) {
+    for (int b = b0; b < B; ++b) sum[0] += load(rows + (size_t)b * ld + g0);
+    vd acc;
+    std::memcpy(&acc, total, sizeof(acc));
+    acc += __builtin_convertvector(sum[0] + sum[1], vd);
+    std::memcpy(total, &acc, sizeof(acc));
   }
   if (b0 == B) return;
   for (int l = 0; l < kLanes; ++l) {
@@ -556,6 +569,11 @@ inline void PrefetchL2(const float* p) { __builtin_prefetch(p, 0, 2); }
 // of them into its own `saved` [its chunks][nres][B, 16] (the tiles GetBlock makes), where step
 // t - 1 reads them.
 // With a readout `ro`, `dh` takes its `d_hs[t]` before step t's gates (which then read no d_hs).
+// `sums` [nd H] receives each gradient row's sum over all steps and rows (the biases' gradients),
+// added up as each step's block is transposed into `d` (StoreTransposed, from registers): after
+// the loop XLA's reduction read the whole gradient array again, on one thread while the other
+// began the weights' GEMM, which then waited for it (the LSTM char-LM step: 0.3 ms of reduction
+// and 1.2 ms of an idle core). Each step's B rows are summed in float, the steps in double.
 // After its gates each thread prefetches what the same units will read first at step t - 1: the
 // rows of `ahead` and, gate-major, step t - 2's residuals (which step t - 1 moves into `saved`).
 // Both lie strided in memory (a row of B per unit, T B floats apart; rows H floats apart), a
@@ -564,7 +582,7 @@ inline void PrefetchL2(const float* p) { __builtin_prefetch(p, 0, 2); }
 template <bool kAdd, typename Pool, typename Gates>
 void BackwardLoop(Pool& pool, int T, int B, int H, int G, const float* W, int nres,
                   const Block (&res)[4], int nd, const Block (&d)[4], float* rows, float* dh,
-                  int threads, Gates gates, const Readout& ro, const Ahead& ahead) {
+                  float* sums, int threads, Gates gates, const Readout& ro, const Ahead& ahead) {
   const int ld = nd * H;
   const bool major = nres > 0 && res[0].ld == 0;
   const size_t tile_floats = (size_t)B * kLanes;
@@ -573,6 +591,7 @@ void BackwardLoop(Pool& pool, int T, int B, int H, int G, const float* W, int nr
     Share(H / kLanes, n, p, &j0, &j1);
     std::vector<float> tile(4 * tile_floats);
     std::vector<float> saved(major ? (size_t)(j1 - j0) * nres * tile_floats : 0);
+    std::vector<double> total((size_t)(j1 - j0) * nd * kLanes);  // [its chunks][nd][16]
     if (ro.dz)  // d_hs[T - 1] of the readout, before the first step's gates
       BwdGemm<true>(ro.dz + (size_t)(T - 1) * B * ro.O, B, ro.O, ro.O, ro.vc, H, dh, j0, j1);
     for (int t = T - 1; t >= 0; --t) {
@@ -595,14 +614,21 @@ void BackwardLoop(Pool& pool, int T, int B, int H, int G, const float* W, int nr
             for (int l = 0; l < kLanes; ++l)
               for (int b = 0; b < B; b += kLanes)
                 PrefetchL2(res[blk].base + ((size_t)(u + l) * T + t - 2) * B + b);
+        double* sums_u = total.data() + (size_t)(u / kLanes - j0) * nd * kLanes;
         for (int blk = 0; blk < nd; ++blk)
-          StoreTransposed(block, ld, blk * H + u, B, T, (t + T - 1) % T, u, d[blk].base);
+          StoreTransposed(block, ld, blk * H + u, B, T, (t + T - 1) % T, u, d[blk].base,
+                          sums_u + blk * kLanes);
       }
       barrier.Wait();
       BwdGemm<kAdd>(block, B, ld, G, W, H, dh, j0, j1);
       if (ro.dz && t > 0)
         BwdGemm<true>(ro.dz + (size_t)(t - 1) * B * ro.O, B, ro.O, ro.O, ro.vc, H, dh, j0, j1);
     }
+    for (int j = j0; j < j1; ++j)
+      for (int blk = 0; blk < nd; ++blk)
+        for (int l = 0; l < kLanes; ++l)
+          sums[blk * H + j * kLanes + l] =
+              (float)total[((size_t)(j - j0) * nd + blk) * kLanes + l];
   });
 }
 
@@ -954,6 +980,14 @@ ffi::Error ReadCotangent(const char* cell, F32 d_hs, F32 dz, F32 v, int64_t T, i
   return ffi::Error::Success();
 }
 
+// A backward's `sums` result: one float per gradient row.
+ffi::Error CheckSums(const char* cell, F32Out sums, int64_t rows) {
+  if (sums->element_count() == rows) return ffi::Error::Success();
+  return ffi::Error::InvalidArgument(std::string("jaxrnn ") + cell + " kernel: expected sums of " +
+                                     std::to_string(rows) + " floats; got " +
+                                     std::to_string(sums->element_count()));
+}
+
 ffi::Error LstmForwardImpl(F32 xs, F32 u, F32 w, F32 bias, F32 h0, F32 c0, F32Out hs, F32Out cs,
                            ffi::RemainingRets s, int64_t threads, int64_t gate_major,
                            ffi::ThreadPool pool) {
@@ -978,7 +1012,7 @@ ffi::Error LstmForwardImpl(F32 xs, F32 u, F32 w, F32 bias, F32 h0, F32 c0, F32Ou
 }
 
 ffi::Error LstmBackwardImpl(F32 w, F32 cs, F32 c0, F32 d_hs, F32 dh_T, F32 dc_T, F32 dz,
-                            F32 v, ffi::RemainingArgs s, F32Out dh0, F32Out dc0,
+                            F32 v, ffi::RemainingArgs s, F32Out dh0, F32Out dc0, F32Out db,
                             ffi::RemainingRets d_a,
                             int64_t threads, int64_t gate_major, ffi::ThreadPool pool) {
   auto dims = cs.dimensions();  // [T, B, H]
@@ -996,8 +1030,9 @@ ffi::Error LstmBackwardImpl(F32 w, F32 cs, F32 c0, F32 d_hs, F32 dh_T, F32 dc_T,
   std::vector<float> rows(2 * (size_t)B * G), wc = PackColumns(w.typed_data(), G, H);
   LstmBwd x{(int)B, (int)H, cs.typed_data(), c0.typed_data(), ct.d_hs, dh0->typed_data(),
             dc0->typed_data()};
+  if (auto err = CheckSums("lstm", db, G); err.failure()) return err;
   BackwardLoop<false>(pool, (int)T, (int)B, (int)H, (int)G, wc.data(), 4, res, 4,
-                      d, rows.data(), x.dh,
+                      d, rows.data(), x.dh, db->typed_data(),
                       Threads(threads, pool, H),
                       [&](int t, int u, const Rows (&s)[4], float* rows) {
                         LstmBwdGates(x, t, u, s, rows);
@@ -1030,7 +1065,8 @@ ffi::Error GruForwardImpl(F32 xs, F32 u, F32 w, F32 b, F32 bh, F32 h0, F32Out hs
 
 ffi::Error GruBackwardImpl(F32 w, F32 hs, F32 h0, F32 d_hs, F32 dh_T, F32 dz, F32 v,
                            ffi::RemainingArgs res,
-                           F32Out dh0, ffi::RemainingRets d, int64_t threads, int64_t gate_major,
+                           F32Out dh0, F32Out sums, ffi::RemainingRets d, int64_t threads,
+                           int64_t gate_major,
                            ffi::ThreadPool pool) {
   auto dims = hs.dimensions();
   if (dims.size() != 3) return ffi::Error::InvalidArgument("jaxrnn gru kernel: hs must be 3-D");
@@ -1045,8 +1081,9 @@ ffi::Error GruBackwardImpl(F32 w, F32 hs, F32 h0, F32 d_hs, F32 dh_T, F32 dz, F3
   if (auto err = ReadCotangent("gru", d_hs, dz, v, T, B, H, &ct); err.failure()) return err;
   std::vector<float> rows(2 * (size_t)B * 4 * H), wc = PackColumns(w.typed_data(), G, H);
   GruBwd x{(int)B, (int)H, hs.typed_data(), h0.typed_data(), ct.d_hs, dh0->typed_data()};
+  if (auto err = CheckSums("gru", sums, 4 * H); err.failure()) return err;
   BackwardLoop<true>(pool, (int)T, (int)B, (int)H, (int)G, wc.data(), 4, in, 4,
-                     out, rows.data(), x.dh,
+                     out, rows.data(), x.dh, sums->typed_data(),
                      Threads(threads, pool, H),
                      [&](int t, int u, const Rows (&r)[4], float* rows) {
                        GruBwdGates(x, t, u, r, rows);
@@ -1095,7 +1132,7 @@ ffi::Error ElmanForwardImpl(F32 xs, F32 u, F32 w, F32 bias, F32 h0, F32Out hs, i
 }
 
 ffi::Error ElmanBackwardImpl(F32 w, F32 hs, F32 d_hs, F32 dh_T, F32 dz, F32 v, F32Out d_t,
-                             F32Out dh0,
+                             F32Out dh0, F32Out db,
                              int64_t threads, int64_t activation, ffi::ThreadPool pool) {
   auto dims = hs.dimensions();  // [T, B, H]
   if (dims.size() != 3) return ffi::Error::InvalidArgument("jaxrnn elman kernel: hs must be 3-D");
@@ -1103,6 +1140,7 @@ ffi::Error ElmanBackwardImpl(F32 w, F32 hs, F32 d_hs, F32 dh_T, F32 dz, F32 v, F
   if (auto err = CheckElman(T, B, 1, H, w.dimensions()[0], activation); err.failure()) return err;
   Cotangent ct;
   if (auto err = ReadCotangent("elman", d_hs, dz, v, T, B, H, &ct); err.failure()) return err;
+  if (auto err = CheckSums("elman", db, H); err.failure()) return err;
   std::memcpy(dh0->typed_data(), dh_T.typed_data(), sizeof(float) * B * H);
   std::vector<float> rows(2 * (size_t)B * H), wc = PackColumns(w.typed_data(), H, H);
   ElmanBwd x{(int)B, (int)H, hs.typed_data(), ct.d_hs, dh0->typed_data()};
@@ -1111,7 +1149,7 @@ ffi::Error ElmanBackwardImpl(F32 w, F32 hs, F32 d_hs, F32 dh_T, F32 dz, F32 v, F
   WithActivation(activation, [&](auto act) {
     constexpr int64_t kAct = decltype(act)::value;
     BackwardLoop<false>(pool, (int)T, (int)B, (int)H, (int)H, wc.data(), 0, none, 1, d,
-                        rows.data(), x.dh, Threads(threads, pool, H),
+                        rows.data(), x.dh, db->typed_data(), Threads(threads, pool, H),
                         [&](int t, int u, const Rows (&)[4], float* rows) {
                           ElmanBwdGates<kAct>(x, t, u, rows);
                         },
@@ -1144,6 +1182,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxrnnElmanBackward, ElmanBackwardImpl,
                                   .Arg<F32>()  // V [O, H] of a fused readout, or [0]
                                   .Ret<F32>()  // delta^T [H, T, B]
                                   .Ret<F32>()  // dh_0 [B, H]
+                                  .Ret<F32>()  // sum of delta over T, B [H] (db)
                                   .Attr<int64_t>("threads")
                                   .Attr<int64_t>("activation")
                                   .Ctx<ffi::ThreadPool>());
@@ -1179,6 +1218,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxrnnLstmBackward, LstmBackwardImpl,
                                   .RemainingArgs()  // s (aliased with d_a where gate-major)
                                   .Ret<F32>()  // dh_0 [B, H]
                                   .Ret<F32>()  // dc_0 [B, H]
+                                  .Ret<F32>()  // sum of d_a over T, B [4H] (db)
                                   .RemainingRets()  // d_a^T = (dL/da)^T, gate-major, as s
                                   .Attr<int64_t>("threads")
                                   .Attr<int64_t>("gate_major")
@@ -1209,6 +1249,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxrnnGruBackward, GruBackwardImpl,
                                   .Arg<F32>()  // V [O, H] of a fused readout, or [0]
                                   .RemainingArgs()  // r | z | n | rec_n (aliased with d)
                                   .Ret<F32>()  // dh_0 [B, H]
+                                  .Ret<F32>()  // sums of d over T, B [4H]
                                   .RemainingRets()  // d = (d_r | d_z | d_n r | d_n)^T
                                   .Attr<int64_t>("threads")
                                   .Attr<int64_t>("gate_major")
