@@ -14,7 +14,8 @@
 #   bash experiments/bench/gpu_run.sh
 # Environment: PYTHON (python3), TEST_TIMEOUT (s, 100), BENCH_TIMEOUT (s, 380),
 # BENCH_ARGS (extra arguments for bench.py). Wheels in .whl/ (e.g. dm-haiku, which that machine
-# lacks) are installed into /tmp/site first.
+# lacks) are installed into /tmp/site first; .whl/ is git-ignored, so the device tool copies it
+# only when its `carry` names it.
 set -u
 OUT=${OUT:-runs/gpu}
 PY=${PYTHON:-python3}
