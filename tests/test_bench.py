@@ -90,3 +90,25 @@ def test_first_call_comparison_in_fresh_processes():
   rows = first_call.compare_peers(["elman"], ["tiny"], 1, ["jaxrnn", "flax-nnx"])
   assert sorted(r["impl"] for r in rows) == ["flax-nnx", "jaxrnn"]
   assert all(r["first_call_s"] > 0 and r["device"] == "cpu" for r in rows)
+
+
+def test_each_repeat_times_its_steps_after_the_untimed_settle_steps():
+  """`--settle`: the untimed steps run first and are not in the timed seconds (the first step
+  after another implementation pays for the switch)."""
+  import time
+  import bench
+
+  class Runner:
+    def __init__(self):
+      self.calls = []
+
+    def run(self, n):
+      self.calls.append(n)
+      time.sleep(0.2 if len(self.calls) == 1 else 0.001 * n)  # a slow first call
+
+  runner = Runner()
+  seconds = bench._timed_run(runner, 5, settle=1)
+  assert runner.calls == [1, 5]
+  assert seconds < 0.15
+  runner = Runner()
+  assert bench._timed_run(runner, 5) >= 0.2 and runner.calls == [5]  # settle=0: timed as is

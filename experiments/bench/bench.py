@@ -8,7 +8,11 @@ For each (cell, config) every implementation in `peers.py` is built on the same 
 3. `N` steps per repeat, `N` chosen from the warm-up so that one repeat takes about `--target-s`;
 4. `--repeats` interleaved repeats: each repeat times `N` steps of every implementation in turn
    (the order rotates by one each repeat), blocking on the results at the end of the `N` steps;
-   the reported ms/step is the median over repeats.
+   the reported ms/step is the median over repeats. Before its `N` timed steps each
+   implementation runs `--settle` untimed ones (default 1): the first step after another
+   implementation ran pays for the switch (caches and allocator arenas the other one left; jaxrnn's
+   LSTM char-LM step: 28.9-31.2 ms against 24.2 for the steps after it), a cost of the interleaving,
+   not of the step.
 
 Reported per implementation: ms/step, tokens/s (`B T` per step), first-call seconds, achieved
 GFLOP/s from the analytic count of `peers.step_flops` (matmuls only: forward
@@ -77,6 +81,8 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--target-s", type=float, default=None,
                  help="seconds per implementation per repeat, sets N (default 0.3)")
   p.add_argument("--warmup", type=int, default=None, help="warm-up steps after the first (3)")
+  p.add_argument("--settle", type=int, default=1,
+                 help="untimed steps before each implementation's timed steps in a repeat (1)")
   p.add_argument("--quick", action="store_true",
                  help="a tiny run: configs small,medium, 3 repeats of ~0.1 s, 2 warm-up steps")
   p.add_argument("--measure-memory", action="store_true",
@@ -105,8 +111,8 @@ def parse_args(argv=None) -> argparse.Namespace:
   args.cells = _comma_list("cells", args.cells, peers.CELLS)
   args.configs = _comma_list("configs", args.configs, peers.CONFIGS)
   args.impls = _comma_list("impls", args.impls, peers.IMPLS)
-  if args.repeats < 1 or args.warmup < 1 or args.target_s <= 0:
-    p.error("--repeats and --warmup must be >= 1 and --target-s > 0.")
+  if args.repeats < 1 or args.warmup < 1 or args.target_s <= 0 or args.settle < 0:
+    p.error("--repeats and --warmup must be >= 1, --settle >= 0 and --target-s > 0.")
   if args.device == "cuda" and (args.measure_memory or args.host_malloc != "default"):
     p.error("--measure-memory and --host-malloc measure host memory: --device cpu only.")
   return args
@@ -233,8 +239,11 @@ def _short_error(exc: BaseException) -> str:
   return text[0][:300] if text else type(exc).__name__
 
 
-def _timed_run(runner, n: int) -> float:
-  """Seconds for `n` steps (blocked), with the garbage collector held off while timing."""
+def _timed_run(runner, n: int, settle: int = 0) -> float:
+  """Seconds for `n` steps (blocked), with the garbage collector held off while timing, after
+  `settle` untimed steps (blocked too)."""
+  if settle:
+    runner.run(settle)
   gc.collect()
   gc.disable()
   try:
@@ -315,7 +324,7 @@ def bench_case(cell: str, config: str, args, log=print) -> list[dict]:
     order = order[r % len(order):] + order[:r % len(order)] if order else order
     for impl in order:
       try:
-        seconds = _timed_run(runners[impl], n_steps[impl])
+        seconds = _timed_run(runners[impl], n_steps[impl], args.settle)
       except Exception as exc:  # noqa: BLE001
         fail(impl, "error", exc)
         continue
@@ -548,7 +557,8 @@ def main(argv=None) -> None:
     return {
         "machine": machine,
         "matmul_gflops": gflops,
-        "protocol": (f"{args.repeats} interleaved repeats of ~{args.target_s} s per impl, median; "
+        "protocol": (f"{args.repeats} interleaved repeats of ~{args.target_s} s per impl, "
+                     f"each after {args.settle} untimed step(s), median; "
                      f"{args.warmup} warm-up steps; donate={args.donate}; seed={args.seed}"),
         "complete": complete,
         "wall_s": time.perf_counter() - start,
