@@ -10,9 +10,9 @@ For each (cell, config) every implementation in `peers.py` is built on the same 
    (the order rotates by one each repeat), blocking on the results at the end of the `N` steps;
    the reported ms/step is the median over repeats. Before its `N` timed steps each
    implementation runs `--settle` untimed ones (default 1): the first step after another
-   implementation ran pays for the switch (caches and allocator arenas the other one left; jaxrnn's
-   LSTM char-LM step: 28.9-31.2 ms against 24.2 for the steps after it), a cost of the interleaving,
-   not of the step.
+   implementation ran is slower (measured: jaxrnn's LSTM char-LM step 28.9-31.2 ms right after
+   Haiku or PyTorch, 24.2 for the steps after it; presumably the caches and allocator state the
+   other one left), a cost of the interleaving, not of the step.
 
 Reported per implementation: ms/step, tokens/s (`B T` per step), first-call seconds, achieved
 GFLOP/s from the analytic count of `peers.step_flops` (matmuls only: forward

@@ -1023,6 +1023,7 @@ ffi::Error LstmBackwardImpl(F32 w, F32 cs, F32 c0, F32 d_hs, F32 dh_T, F32 dc_T,
   if (auto err = ArgBlocks("lstm", "s", s, T, B, H, gate_major, res); err.failure()) return err;
   if (auto err = RetBlocks("lstm", "d_a", d_a, T, B, H, /*gate_major=*/true, d); err.failure())
     return err;
+  if (auto err = CheckSums("lstm", db, G); err.failure()) return err;
   std::memcpy(dh0->typed_data(), dh_T.typed_data(), sizeof(float) * B * H);
   std::memcpy(dc0->typed_data(), dc_T.typed_data(), sizeof(float) * B * H);
   Cotangent ct;
@@ -1030,7 +1031,6 @@ ffi::Error LstmBackwardImpl(F32 w, F32 cs, F32 c0, F32 d_hs, F32 dh_T, F32 dc_T,
   std::vector<float> rows(2 * (size_t)B * G), wc = PackColumns(w.typed_data(), G, H);
   LstmBwd x{(int)B, (int)H, cs.typed_data(), c0.typed_data(), ct.d_hs, dh0->typed_data(),
             dc0->typed_data()};
-  if (auto err = CheckSums("lstm", db, G); err.failure()) return err;
   BackwardLoop<false>(pool, (int)T, (int)B, (int)H, (int)G, wc.data(), 4, res, 4,
                       d, rows.data(), x.dh, db->typed_data(),
                       Threads(threads, pool, H),
@@ -1076,12 +1076,12 @@ ffi::Error GruBackwardImpl(F32 w, F32 hs, F32 h0, F32 d_hs, F32 dh_T, F32 dz, F3
   if (auto err = ArgBlocks("gru", "res", res, T, B, H, gate_major, in); err.failure()) return err;
   if (auto err = RetBlocks("gru", "d", d, T, B, H, /*gate_major=*/true, out); err.failure())
     return err;
+  if (auto err = CheckSums("gru", sums, 4 * H); err.failure()) return err;
   std::memcpy(dh0->typed_data(), dh_T.typed_data(), sizeof(float) * B * H);
   Cotangent ct;
   if (auto err = ReadCotangent("gru", d_hs, dz, v, T, B, H, &ct); err.failure()) return err;
   std::vector<float> rows(2 * (size_t)B * 4 * H), wc = PackColumns(w.typed_data(), G, H);
   GruBwd x{(int)B, (int)H, hs.typed_data(), h0.typed_data(), ct.d_hs, dh0->typed_data()};
-  if (auto err = CheckSums("gru", sums, 4 * H); err.failure()) return err;
   BackwardLoop<true>(pool, (int)T, (int)B, (int)H, (int)G, wc.data(), 4, in, 4,
                      out, rows.data(), x.dh, sums->typed_data(),
                      Threads(threads, pool, H),
@@ -1138,9 +1138,9 @@ ffi::Error ElmanBackwardImpl(F32 w, F32 hs, F32 d_hs, F32 dh_T, F32 dz, F32 v, F
   if (dims.size() != 3) return ffi::Error::InvalidArgument("jaxrnn elman kernel: hs must be 3-D");
   const int64_t T = dims[0], B = dims[1], H = dims[2];
   if (auto err = CheckElman(T, B, 1, H, w.dimensions()[0], activation); err.failure()) return err;
+  if (auto err = CheckSums("elman", db, H); err.failure()) return err;
   Cotangent ct;
   if (auto err = ReadCotangent("elman", d_hs, dz, v, T, B, H, &ct); err.failure()) return err;
-  if (auto err = CheckSums("elman", db, H); err.failure()) return err;
   std::memcpy(dh0->typed_data(), dh_T.typed_data(), sizeof(float) * B * H);
   std::vector<float> rows(2 * (size_t)B * H), wc = PackColumns(w.typed_data(), H, H);
   ElmanBwd x{(int)B, (int)H, hs.typed_data(), ct.d_hs, dh0->typed_data()};
