@@ -310,6 +310,20 @@ inline void Accumulate(vf (&acc)[R][4], const float* src, int K, const float* w)
   }
 }
 
+// Calls tile(std::integral_constant<int, R>{}, r) over the rows [0, B) of a step's GEMM: tiles of
+// 6 rows, then of 4, 2 and 1 for the rest. The tiles keep R x 4 accumulators (24 of the 32 vector
+// registers at R = 6); per weight vector loaded, R FMAs. On the Intel Xeon of the eighth session
+// the 4-row tile ran at 128-140 GFLOP/s per core and the 6-row one at 164-170 (a one-core C++
+// driver over the LSTM char-LM and large shapes, experiments/PERF_NOTES.md).
+template <typename F>
+inline void RowTiles(int B, F tile) {
+  int r = 0;
+  for (; r + 6 <= B; r += 6) tile(std::integral_constant<int, 6>{}, r);
+  if (r + 4 <= B) tile(std::integral_constant<int, 4>{}, r), r += 4;
+  if (r + 2 <= B) tile(std::integral_constant<int, 2>{}, r), r += 2;
+  if (r < B) tile(std::integral_constant<int, 1>{}, r);
+}
+
 // W [G, H] repacked chunk-major for the backward's GEMM, Wc[j][g][16] = W[g][16 j + l]: each
 // 16-unit chunk's column strip contiguous (read in place, with a stride of H, the GEMM ran at
 // 221-229 GFLOP/s on the char-LM and large LSTM; packed, 280-315).
@@ -351,7 +365,7 @@ inline void BwdTile(const float* d_rec, int ld, int G, const float* Wc, int H, f
   }
 }
 
-// One thread's part of the recurrent GEMM, units [16 j0, 16 j1), in 4-row x 64-unit tiles:
+// One thread's part of the recurrent GEMM, units [16 j0, 16 j1), in RowTiles x 64-unit tiles:
 // column groups outer, rows inner, so that a group's strips of W stay in L2 while every row tile
 // reads them.
 template <bool kAdd>
@@ -359,15 +373,11 @@ void BwdGemm(const float* d_rec, int B, int ld, int G, const float* W, int H, fl
              int j1) {
   for (int j = j0; j < j1; j += 4) {
     const int nv = std::min(4, j1 - j);
-    int r = 0;
-    for (; r + 4 <= B; r += 4) {
-      if (nv == 4) BwdTile<4, 4, kAdd>(d_rec, ld, G, W, H, dh, r, j);
-      else for (int q = 0; q < nv; ++q) BwdTile<4, 1, kAdd>(d_rec, ld, G, W, H, dh, r, j + q);
-    }
-    for (; r < B; ++r) {
-      if (nv == 4) BwdTile<1, 4, kAdd>(d_rec, ld, G, W, H, dh, r, j);
-      else for (int q = 0; q < nv; ++q) BwdTile<1, 1, kAdd>(d_rec, ld, G, W, H, dh, r, j + q);
-    }
+    RowTiles(B, [&](auto rows, int r) {
+      constexpr int R = decltype(rows)::value;
+      if (nv == 4) BwdTile<R, 4, kAdd>(d_rec, ld, G, W, H, dh, r, j);
+      else for (int q = 0; q < nv; ++q) BwdTile<R, 1, kAdd>(d_rec, ld, G, W, H, dh, r, j + q);
+    });
   }
 }
 
@@ -507,14 +517,14 @@ inline void PutBlock(const Block& k, const float* stage, int T, int B, int t, in
 }
 
 // The forward loop shared by the cells: for every step, after a barrier (h_{t-1} complete), each
-// thread runs `tile<R>(t, r0, j, stage)` over its 16-unit chunks j and the batch in 4-row tiles;
+// thread runs `tile<R>(t, r0, j, stage)` over its 16-unit chunks j and the batch in RowTiles;
 // the tiles leave the chunk's `nres` residual blocks (4, or none for the Elman cell) in `stage`
 // [4][B, 16] (the thread's own), which then go to the residual blocks `res`, gate-major ones in
 // whole rows of B (written 4 rows at a time, 16 units 16 KB apart, the char-LM forward loop ran
 // 1.7x slower).
-template <typename Pool, typename Tile4, typename Tile1>
+template <typename Pool, typename Tile>
 void ForwardLoop(Pool& pool, int T, int B, int H, int threads, int nres, const Block (&res)[4],
-                 Tile4 tile4, Tile1 tile1) {
+                 Tile tile) {
   Parallel(pool, threads, [&](int p, int n, SpinBarrier& barrier) {
     int j0, j1;
     Share(H / kLanes, n, p, &j0, &j1);
@@ -522,9 +532,7 @@ void ForwardLoop(Pool& pool, int T, int B, int H, int threads, int nres, const B
     for (int t = 0; t < T; ++t) {
       if (t > 0) barrier.Wait();
       for (int j = j0; j < j1; ++j) {
-        int r = 0;
-        for (; r + 4 <= B; r += 4) tile4(t, r, j, stage.data());
-        for (; r < B; ++r) tile1(t, r, j, stage.data());
+        RowTiles(B, [&](auto rows, int r) { tile(rows, t, r, j, stage.data()); });
         for (int blk = 0; blk < nres; ++blk)
           PutBlock(res[blk], stage.data() + (size_t)blk * B * kLanes, T, B, t, j * kLanes);
       }
@@ -1006,8 +1014,9 @@ ffi::Error LstmForwardImpl(F32 xs, F32 u, F32 w, F32 bias, F32 h0, F32 c0, F32Ou
   LstmFwd x{(int)T, (int)B, (int)D, (int)H, xs.typed_data(), bias.typed_data(), wp.data(),
             up.data(), h0.typed_data(), c0.typed_data(), hs->typed_data(), cs->typed_data()};
   ForwardLoop(pool, x.T, x.B, x.H, Threads(threads, pool, H), 4, res,
-              [&](int t, int r, int j, float* st) { LstmFwdTile<4>(x, t, r, j, st); },
-              [&](int t, int r, int j, float* st) { LstmFwdTile<1>(x, t, r, j, st); });
+              [&](auto rows, int t, int r, int j, float* st) {
+                LstmFwdTile<decltype(rows)::value>(x, t, r, j, st);
+              });
   return ffi::Error::Success();
 }
 
@@ -1058,8 +1067,9 @@ ffi::Error GruForwardImpl(F32 xs, F32 u, F32 w, F32 b, F32 bh, F32 h0, F32Out hs
   GruFwd x{(int)T, (int)B, (int)D, (int)H, xs.typed_data(), b.typed_data(), bh.typed_data(),
            wp.data(), up.data(), h0.typed_data(), hs->typed_data()};
   ForwardLoop(pool, x.T, x.B, x.H, Threads(threads, pool, H), 4, blocks,
-              [&](int t, int r, int j, float* st) { GruFwdTile<4>(x, t, r, j, st); },
-              [&](int t, int r, int j, float* st) { GruFwdTile<1>(x, t, r, j, st); });
+              [&](auto rows, int t, int r, int j, float* st) {
+                GruFwdTile<decltype(rows)::value>(x, t, r, j, st);
+              });
   return ffi::Error::Success();
 }
 
@@ -1125,8 +1135,9 @@ ffi::Error ElmanForwardImpl(F32 xs, F32 u, F32 w, F32 bias, F32 h0, F32Out hs, i
   WithActivation(activation, [&](auto act) {
     constexpr int64_t kAct = decltype(act)::value;
     ForwardLoop(pool, x.T, x.B, (int)H / 4, Threads(threads, pool, H / 4), 0, none,
-                [&](int t, int r, int j, float*) { ElmanFwdTile<4, kAct>(x, t, r, j); },
-                [&](int t, int r, int j, float*) { ElmanFwdTile<1, kAct>(x, t, r, j); });
+                [&](auto rows, int t, int r, int j, float*) {
+                  ElmanFwdTile<decltype(rows)::value, kAct>(x, t, r, j);
+                });
   });
   return ffi::Error::Success();
 }
