@@ -530,11 +530,11 @@ inline void PutBlock(const Block& k, const float* stage, int T, int B, int t, in
 }
 
 // The forward loop shared by the cells: for every step, after a barrier (h_{t-1} complete), each
-// thread runs `tile<R>(t, r0, j, stage)` over its 16-unit chunks j and the batch in RowTiles;
+// thread runs `tile(R, t, r0, j, stage)` over its 16-unit chunks j and the batch in RowTiles;
 // the tiles leave the chunk's `nres` residual blocks (4, or none for the Elman cell) in `stage`
 // [4][B, 16] (the thread's own), which then go to the residual blocks `res`, gate-major ones in
-// whole rows of B (written 4 rows at a time, 16 units 16 KB apart, the char-LM forward loop ran
-// 1.7x slower).
+// whole rows of B (written by each tile, a few rows at a time, 16 units 16 KB apart, the char-LM
+// forward loop ran 1.7x slower).
 template <typename Pool, typename Tile>
 void ForwardLoop(Pool& pool, int T, int B, int H, int threads, int nres, const Block (&res)[4],
                  Tile tile) {
@@ -812,8 +812,9 @@ inline vf GradFromOutput(vf h) {
 
 // The Elman cell has one gate block, so its tile takes 16 units from each quarter of the hidden
 // units instead: `W` and `U` packed as four blocks of H/4 rows (Pack(W, 4, H/4, K)), the same
-// 4-row x 64-unit register tile as the LSTM's, chunk j holding units q H/4 + 16 j + l for quarter
-// q (H a multiple of 64). A single 16-unit block per tile would load one weight vector per 4 FMAs.
+// R-row (RowTiles) x 64-unit register tile as the LSTM's, chunk j holding units q H/4 + 16 j + l
+// for quarter q (H a multiple of 64). A single 16-unit block per tile would load one weight vector
+// per R FMAs instead of per 4 R.
 struct ElmanFwd {
   int T, B, D, H;
   const float* xs;    // [T, B, D]
