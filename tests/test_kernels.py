@@ -32,8 +32,11 @@ def test_library_builds_here():
 
 # (B, T, D, H): row counts that take every tile after the 6-row ones (`RowTiles`: B = 17 ends
 # with a 4- and a 1-row tile, 32 with a 2-row one, 3 with 2 + 1, 19 with 1), an odd number of
-# 16-unit chunks (H = 48), one chunk (H = 16), a 2-thread split (B * H * H large enough).
-SHAPES = [(3, 7, 5, 16), (1, 9, 1, 48), (17, 6, 3, 64), (19, 4, 3, 32), (32, 5, 7, 128)]
+# 16-unit chunks (H = 48), one chunk (H = 16), 2-thread splits (B * H * H large enough): by units
+# (B = 17, 19: under 32 rows) and by rows (B = 32: 16 each; B = 35: 16 and 19, a 16-row block
+# and a 3-row tail in the second thread's transposes).
+SHAPES = [(3, 7, 5, 16), (1, 9, 1, 48), (17, 6, 3, 64), (19, 4, 3, 32), (32, 5, 7, 128),
+          (35, 4, 3, 32)]
 
 
 CELLS = {"lstm": lstm(), "gru": gru()}
@@ -152,8 +155,9 @@ def _grads(spec, backward, **kw):
   return jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
 
 # The Elman loops: H a multiple of 64 (the tile takes 16 units from each quarter of H); with and
-# without the second bias; every activation; gate-major output from 1 to 32 rows.
-ELMAN_SHAPES = [(3, 7, 5, 64), (1, 9, 1, 128), (17, 4, 3, 64), (32, 5, 7, 128)]
+# without the second bias; every activation; gate-major output from 1 to 35 rows (32 and 35 split
+# between two threads by rows).
+ELMAN_SHAPES = [(3, 7, 5, 64), (1, 9, 1, 128), (17, 4, 3, 64), (32, 5, 7, 128), (35, 4, 3, 128)]
 
 
 def _elman_inputs(f, b, t, d, h, two_biases, seed=0):
@@ -367,25 +371,29 @@ def test_lowered_for_gpu_the_same_function_is_the_scan(cell):
 
 
 def test_one_and_two_threads_give_identical_results():
-  """Threads split the hidden units; every number is computed by the same code either way."""
+  """Two threads split the hidden units (16 rows) or the rows (32 rows, in groups of 16; the
+  biases' sums are added per group, in group order); every number is computed by the same code
+  as with one thread."""
   code = """
 import jax, numpy as np
 from jaxrnn import kernels
 from jaxrnn.cells import elman, gru, lstm
-p = lstm().init(jax.random.key(0), 8, 64)
-xs = jax.random.normal(jax.random.key(1), (6, 16, 8))
-z = np.zeros((16, 64), np.float32)
-hs, cs, s = kernels.lstm_forward(xs, p["U"], p["W"], p["b"] + p["bh"], z, z)
-d_a, *d = kernels.lstm_backward(p["W"], s, cs, z, jax.numpy.ones_like(hs), z, z)
-q = gru().init(jax.random.key(2), 8, 64)
-ghs, res = kernels.gru_forward(xs, q["U"], q["W"], q["b"], q["bh"], z)
-d_g, *e = kernels.gru_backward(q["W"], res, ghs, z, jax.numpy.ones_like(ghs), z)
-r = elman().init(jax.random.key(3), 8, 128)  # two 64-unit tiles: one per thread
-z2 = np.zeros((16, 128), np.float32)
-ehs = kernels.elman_forward(xs, r["U"], r["W"], r["b"], z2)
-f = kernels.elman_backward(r["W"], ehs, jax.numpy.ones_like(ehs), z2)
+outs = []
+for b in (16, 32):
+  p = lstm().init(jax.random.key(0), 8, 64)
+  xs = jax.random.normal(jax.random.key(1), (6, b, 8))
+  z = np.zeros((b, 64), np.float32)
+  hs, cs, s = kernels.lstm_forward(xs, p["U"], p["W"], p["b"] + p["bh"], z, z)
+  d_a, *d = kernels.lstm_backward(p["W"], s, cs, z, jax.numpy.ones_like(hs), z, z)
+  q = gru().init(jax.random.key(2), 8, 64)
+  ghs, res = kernels.gru_forward(xs, q["U"], q["W"], q["b"], q["bh"], z)
+  d_g, *e = kernels.gru_backward(q["W"], res, ghs, z, jax.numpy.ones_like(ghs), z)
+  r = elman().init(jax.random.key(3), 8, 128)  # two 64-unit tiles: one per thread
+  z2 = np.zeros((b, 128), np.float32)
+  ehs = kernels.elman_forward(xs, r["U"], r["W"], r["b"], z2)
+  f = kernels.elman_backward(r["W"], ehs, jax.numpy.ones_like(ehs), z2)
+  outs += [hs, cs, *s, *d_a, *d, ghs, *res, *d_g, *e, ehs, *f]
 print(kernels.threads_for(16, 64))
-outs = (hs, cs, *s, *d_a, *d, ghs, *res, *d_g, *e, ehs, *f)
 np.save(__import__("sys").argv[1], np.concatenate([np.ravel(x) for x in outs]))
 """
   out = {}

@@ -7,8 +7,9 @@
 // same numbers (tests/test_kernels.py checks them against it and against NumPy) with what
 // XLA:CPU cannot do from a scan body: `U` and `W` packed once per sequence instead of once per
 // step, `U x_t` and `W h_{t-1}` accumulated in one register tile, the gate arithmetic done on the
-// accumulators, and the hidden units split between threads, each on its own CPU, that meet at one
-// barrier per step.
+// accumulators, and each step split between threads, each on its own CPU: by hidden units, the
+// threads meeting at one barrier per step, or, where the weights are small, by rows of the batch,
+// with no barrier at all (`Part`).
 //
 // Elman forward, per step: h_t = f(U x_t + b + W h_{t-1} (+ bh)), f = tanh, sigmoid or relu.
 // Elman backward, per step t = T-1 .. 0: delta_t = (d_hs[t] + delta_{t+1} W) f'(h_t), f' from h_t
@@ -189,8 +190,8 @@ std::vector<int> DistinctCpus(int n) {
 // Runs body(p, n, barrier) for p in [0, n) with n <= threads: p = 0 on the caller, the others as
 // tasks on XLA's CPU thread pool (its workers are idle while this call runs; a helper std::thread
 // per call instead measured 1.5-2x slower, an extra runnable thread on the same cores). The bodies
-// meet at a barrier once per step, so every one of them must be running: n counts only the tasks
-// that started within kJoinWait of being scheduled. The pool may be busy, or its workers may be
+// may meet at a barrier once per step (`Part`), so every one of them must be running: n counts
+// only the tasks that started within kJoinWait of being scheduled. The pool may be busy, or its workers may be
 // the very threads running other calls of these loops (several JAX computations at once: with a
 // fixed n, two concurrent calls each waited at their barrier for a helper that could never start,
 // and hung); a task that starts later finds the call sealed and returns without touching it. A
@@ -207,6 +208,7 @@ void Parallel(Pool& pool, int threads, F body) {
   struct Join {
     std::atomic<int> joined{0};  // helpers admitted; -1 - k once sealed with k admitted
     std::atomic<int> n{0};       // the participant count, published after sealing
+    std::atomic<int> pinned{0};  // admitted helpers on their own CPU
     std::atomic<int> done{0};    // admitted helpers finished
     SpinBarrier* barrier = nullptr;
     F* body = nullptr;
@@ -228,6 +230,7 @@ void Parallel(Pool& pool, int threads, F body) {
     SpinThenYield([&] { return (n = join->n.load(std::memory_order_acquire)) != 0; });
     {
       PinnedTo pin(join->cpus[v + 1]);
+      join->pinned.fetch_add(1, std::memory_order_release);
       (*join->body)(v + 1, n, *join->barrier);
     }
     join->done.fetch_add(1, std::memory_order_release);
@@ -259,6 +262,11 @@ void Parallel(Pool& pool, int threads, F body) {
   join->n.store(1 + k, std::memory_order_release);
   {
     PinnedTo pin(join->cpus[0]);
+    // Until every helper is on its own CPU: a helper still waiting on the caller's CPU for `n`
+    // would otherwise wait there until the caller's time slice ends, where a loop without a
+    // barrier never yields (`Part`; 2.5 ms of a 2.6 ms LSTM-medium backward loop in a third of
+    // the calls).
+    SpinThenYield([&] { return join->pinned.load(std::memory_order_acquire) == k; });
     body(0, 1 + k, barrier);
   }
   while (join->done.load(std::memory_order_acquire) != k) sched_yield();  // helpers finishing
@@ -269,6 +277,41 @@ void Parallel(Pool& pool, int threads, F body) {
 inline void Share(int chunks, int threads, int p, int* begin, int* end) {
   *begin = chunks * p / threads;
   *end = chunks * (p + 1) / threads;
+}
+
+// The part of every step that thread p of n computes: the 16-unit chunks [j0, j1) of the hidden
+// units for the rows [b0, b1) of the batch. A loop splits its steps either by units (`by_rows`
+// false: every thread needs all of h_{t-1}, so the threads meet at a barrier once per step) or by
+// rows, in groups of 16 (the rows' sequences are independent: no barrier at all, each thread
+// reads all the weights).
+struct Part {
+  int j0, j1, b0, b1;
+};
+
+inline Part PartOf(bool by_rows, int chunks, int B, int n, int p) {
+  Part part{0, chunks, 0, B};
+  if (!by_rows) {
+    Share(chunks, n, p, &part.j0, &part.j1);
+  } else {
+    int g0, g1;
+    Share((B + kLanes - 1) / kLanes, n, p, &g0, &g1);
+    part.b0 = std::min(B, g0 * kLanes);
+    part.b1 = std::min(B, g1 * kLanes);
+  }
+  return part;
+}
+
+// Whether a loop splits its steps by rows (`Part`): with two threads or more, at least 16 rows for
+// each, and weights (packed, the bytes every thread reads at every step) that stay in a core's L2
+// beside the step's other data. On the Intel Xeon of the ninth session, two one-thread processes
+// of 16 rows each ran the LSTM medium backward loop (B = 32, H = 128) in 2.5-2.7 ms against 4.4-4.5
+// for the loop split by units, its forward in 3.1-3.5 against 3.7-3.9; on the char-LM shapes
+// (1.3 MB of forward weights) the forward was slower split by rows (15.6-16.6 against 14.5 ms) and
+// on the large ones (5.2 MB) both were (experiments/PERF_NOTES.md).
+constexpr int64_t kByRowsMaxBytes = int64_t{512} << 10;
+
+inline bool ByRows(int threads, int64_t B, int64_t weight_floats) {
+  return threads > 1 && B >= 2 * kLanes && weight_floats * 4 <= kByRowsMaxBytes;
 }
 
 // Pack M [NB H, K] (NB gate blocks of H rows) as [H / 16][K][NB][16]: the NB x 16 weights one
@@ -310,18 +353,18 @@ inline void Accumulate(vf (&acc)[R][4], const float* src, int K, const float* w)
   }
 }
 
-// Calls tile(std::integral_constant<int, R>{}, r) over the rows [0, B) of a step's GEMM: tiles of
+// Calls tile(std::integral_constant<int, R>{}, r) over the rows [b0, b1) of a step's GEMM: tiles of
 // 6 rows, then of 4, 2 and 1 for the rest. The tiles keep R x 4 accumulators (24 of the 32 vector
 // registers at R = 6); per weight vector loaded, R FMAs. On the Intel Xeon of the eighth session
 // the 4-row tile ran at 128-140 GFLOP/s per core and the 6-row one at 164-170 (a one-core C++
 // driver over the LSTM char-LM and large shapes, experiments/PERF_NOTES.md).
 template <typename F>
-inline void RowTiles(int B, F tile) {
-  int r = 0;
-  for (; r + 6 <= B; r += 6) tile(std::integral_constant<int, 6>{}, r);
-  if (r + 4 <= B) tile(std::integral_constant<int, 4>{}, r), r += 4;
-  if (r + 2 <= B) tile(std::integral_constant<int, 2>{}, r), r += 2;
-  if (r < B) tile(std::integral_constant<int, 1>{}, r);
+inline void RowTiles(int b0, int b1, F tile) {
+  int r = b0;
+  for (; r + 6 <= b1; r += 6) tile(std::integral_constant<int, 6>{}, r);
+  if (r + 4 <= b1) tile(std::integral_constant<int, 4>{}, r), r += 4;
+  if (r + 2 <= b1) tile(std::integral_constant<int, 2>{}, r), r += 2;
+  if (r < b1) tile(std::integral_constant<int, 1>{}, r);
 }
 
 // W [G, H] repacked chunk-major for the backward's GEMM, Wc[j][g][16] = W[g][16 j + l]: each
@@ -373,17 +416,18 @@ inline void BwdTile(const float* d_rec, int ld, int G, const float* Wc, int H, f
 // (char-LM), 132 -> 146 GFLOP/s (large) against unblocked; blocks of 64 and 256 measured less.
 constexpr int kBwdBlockK = 128;
 
-// One thread's part of the recurrent GEMM, units [16 j0, 16 j1), in RowTiles x 64-unit tiles:
-// column groups outer, then blocks of kBwdBlockK rows of W, rows of dh inner.
+// One thread's part of the recurrent GEMM, units [16 j0, 16 j1) of the rows [b0, b1) (`Part`), in
+// RowTiles x 64-unit tiles: column groups outer, then blocks of kBwdBlockK rows of W, rows of dh
+// inner.
 template <bool kAdd>
-void BwdGemm(const float* d_rec, int B, int ld, int G, const float* W, int H, float* dh, int j0,
-             int j1) {
+void BwdGemm(const float* d_rec, int ld, int G, const float* W, int H, float* dh, const Part& part) {
+  const int j0 = part.j0, j1 = part.j1;
   for (int j = j0; j < j1; j += 4) {
     const int nv = std::min(4, j1 - j);
     for (int g0 = 0; g0 < G; g0 += kBwdBlockK) {
       const int g1 = std::min(G, g0 + kBwdBlockK);
       const bool add = kAdd || g0 > 0;
-      RowTiles(B, [&](auto rows, int r) {
+      RowTiles(part.b0, part.b1, [&](auto rows, int r) {
         constexpr int R = decltype(rows)::value;
         if (nv == 4) BwdTile<R, 4>(d_rec, ld, G, W, H, dh, r, j, g0, g1, add);
         else
@@ -433,35 +477,52 @@ inline void Transpose16(vf (&m)[16]) {
   TransposeStage<8>(m);
 }
 
-// Columns [g0, g0 + 16) of the row-major step block `rows` [B, ld] into the transposed output
-// `d_t` [., T, B] at step t. XLA transposed the row-major per-step gradients twice after the loop
-// (for dW and for dU: 5.8 ms of a 48 ms LSTM char-LM step); this is one pass over L1 here.
-// With `total` (16 doubles), the columns' sums over the B rows are added to it.
-inline void StoreTransposed(const float* rows, int ld, int g0, int B, int T, int t, int out_g0,
-                            float* d_t, double* total = nullptr) {
+// The column sums of a backward's gradients over all steps, one set per group of 16 rows of the
+// batch: `[ceil(B / 16)][G]` doubles, each group's added up by whichever thread has its rows and
+// the groups added in order at the end, so that the result does not depend on how the threads
+// split the steps (`Part`). Each step's 16 rows are summed in float, the steps in double.
+struct Totals {
+  double* data;
+  size_t group_stride;  // G
+  void Add(int b, int col, vf sum) const {  // rows of group b / 16, columns [col, col + 16)
+    double* p = data + (size_t)(b / kLanes) * group_stride + col;
+    vd acc;
+    std::memcpy(&acc, p, sizeof(acc));
+    acc += __builtin_convertvector(sum, vd);
+    std::memcpy(p, &acc, sizeof(acc));
+  }
+};
+
+// Columns [g0, g0 + 16) of the rows [b0, b1) of the row-major step block `rows` [B, ld] into the
+// transposed output `d_t` [., T, B] at step t. XLA transposed the row-major per-step gradients
+// twice after the loop (for dW and for dU: 5.8 ms of a 48 ms LSTM char-LM step); this is one pass
+// over L1 here. With `total`, the columns' sums over the rows are added to its columns
+// [out_g0, out_g0 + 16).
+inline void StoreTransposed(const float* rows, int ld, int g0, int b0, int b1, int B, int T,
+                            int t, int out_g0, float* d_t, const Totals* total = nullptr) {
   const size_t stride = (size_t)T * B;
   float* dst = d_t + ((size_t)out_g0 * T + t) * B;
-  vf sum[2] = {};
-  int b0 = 0;
-  for (; b0 + kLanes <= B; b0 += kLanes) {  // 16 x 16 blocks in registers
+  int b = b0;
+  for (; b + kLanes <= b1; b += kLanes) {  // 16 x 16 blocks in registers
     vf m[kLanes];
-    for (int i = 0; i < kLanes; ++i) m[i] = load(rows + (size_t)(b0 + i) * ld + g0);
-    if (total)
+    for (int i = 0; i < kLanes; ++i) m[i] = load(rows + (size_t)(b + i) * ld + g0);
+    if (total) {
+      vf sum[2] = {};
       for (int i = 0; i < kLanes; ++i) sum[i & 1] += m[i];
+      total->Add(b, out_g0, sum[0] + sum[1]);
+    }
     Transpose16(m);
-    for (int l = 0; l < kLanes; ++l) store(dst + l * stride + b0, m[l]);
+    for (int l = 0; l < kLanes; ++l) store(dst + l * stride + b, m[l]);
   }
+  if (b == b1) return;
   if (total) {
-    for (int b = b0; b < B; ++b) sum[0] += load(rows + (size_t)b * ld + g0);
-    vd acc;
-    std::memcpy(&acc, total, sizeof(acc));
-    acc += __builtin_convertvector(sum[0] + sum[1], vd);
-    std::memcpy(total, &acc, sizeof(acc));
+    vf sum = {};
+    for (int r = b; r < b1; ++r) sum += load(rows + (size_t)r * ld + g0);
+    total->Add(b, out_g0, sum);
   }
-  if (b0 == B) return;
   for (int l = 0; l < kLanes; ++l) {
     float* dst = d_t + ((size_t)(out_g0 + l) * T + t) * B;
-    for (int b = b0; b < B; ++b) dst[b] = rows[(size_t)b * ld + g0 + l];
+    for (int r = b; r < b1; ++r) dst[r] = rows[(size_t)r * ld + g0 + l];
   }
 }
 
@@ -493,61 +554,64 @@ inline void Blocks(float* data, int nb, int64_t H, int64_t T, int64_t B, bool ga
     out[k] = gate_major ? Block{data + k * H * T * B, 0} : Block{data + k * H, (int)(nb * H)};
 }
 
-// Units [g0, g0 + 16) of step t, all B rows, from a gate-major array into `tile` [B, 16].
-inline void LoadGateMajor(const float* in, int T, int B, int t, int g0, float* tile) {
+// Units [g0, g0 + 16) of step t, rows [b0, b1), from a gate-major array into those rows of
+// `tile` [B, 16].
+inline void LoadGateMajor(const float* in, int T, int B, int t, int g0, int b0, int b1,
+                          float* tile) {
   const float* src = in + ((size_t)g0 * T + t) * B;
   const size_t stride = (size_t)T * B;
-  int b0 = 0;
-  for (; b0 + kLanes <= B; b0 += kLanes) {  // 16 x 16 blocks in registers
+  int b = b0;
+  for (; b + kLanes <= b1; b += kLanes) {  // 16 x 16 blocks in registers
     vf m[kLanes];
-    for (int l = 0; l < kLanes; ++l) m[l] = load(src + l * stride + b0);
+    for (int l = 0; l < kLanes; ++l) m[l] = load(src + l * stride + b);
     Transpose16(m);
-    for (int i = 0; i < kLanes; ++i) store(tile + (size_t)(b0 + i) * kLanes, m[i]);
+    for (int i = 0; i < kLanes; ++i) store(tile + (size_t)(b + i) * kLanes, m[i]);
   }
   for (int l = 0; l < kLanes; ++l, src += stride)
-    for (int b = b0; b < B; ++b) tile[(size_t)b * kLanes + l] = src[b];
+    for (int r = b; r < b1; ++r) tile[(size_t)r * kLanes + l] = src[r];
 }
 
-// Units [u, u + 16) of block k at step t, all B rows, as rows `stride` floats apart from `p`:
-// read in place where row-major, else transposed into `tile` [B, 16] first (GetBlock). And from
-// `stage` [B, 16] into block k (PutBlock).
+// Units [u, u + 16) of block k at step t, rows [b0, b1) of B, as rows `stride` floats apart from
+// `p` (indexed by the row): read in place where row-major, else transposed into `tile` [B, 16]
+// first (GetBlock). And from `stage` [B, 16] into block k (PutBlock).
 struct Rows {
   const float* p;
   size_t stride;
   vf operator[](int b) const { return load(p + b * stride); }
 };
 
-inline Rows GetBlock(const Block& k, int T, int B, int t, int u, float* tile) {
+inline Rows GetBlock(const Block& k, int T, int B, int t, int u, int b0, int b1, float* tile) {
   if (k.ld != 0) return {k.base + (size_t)t * B * k.ld + u, (size_t)k.ld};
-  LoadGateMajor(k.base, T, B, t, u, tile);
+  LoadGateMajor(k.base, T, B, t, u, b0, b1, tile);
   return {tile, kLanes};
 }
 
-inline void PutBlock(const Block& k, const float* stage, int T, int B, int t, int u) {
-  if (k.ld == 0) return StoreTransposed(stage, kLanes, 0, B, T, t, u, k.base);
-  for (int b = 0; b < B; ++b)
+inline void PutBlock(const Block& k, const float* stage, int T, int B, int t, int u, int b0,
+                     int b1) {
+  if (k.ld == 0) return StoreTransposed(stage, kLanes, 0, b0, b1, B, T, t, u, k.base);
+  for (int b = b0; b < b1; ++b)
     store(k.base + ((size_t)t * B + b) * k.ld + u, load(stage + (size_t)b * kLanes));
 }
 
-// The forward loop shared by the cells: for every step, after a barrier (h_{t-1} complete), each
-// thread runs `tile(R, t, r0, j, stage)` over its 16-unit chunks j and the batch in RowTiles;
-// the tiles leave the chunk's `nres` residual blocks (4, or none for the Elman cell) in `stage`
-// [4][B, 16] (the thread's own), which then go to the residual blocks `res`, gate-major ones in
-// whole rows of B (written by each tile, a few rows at a time, 16 units 16 KB apart, the char-LM
-// forward loop ran 1.7x slower).
+// The forward loop shared by the cells: for every step, each thread runs `tile(R, t, r0, j, stage)`
+// over the 16-unit chunks j and the rows of its `Part` in RowTiles (split by units, after a
+// barrier: h_{t-1} complete); the tiles leave the chunk's `nres` residual blocks (4, or none for
+// the Elman cell) in `stage` [4][B, 16] (the thread's own), which then go to the residual blocks
+// `res`, gate-major ones in whole rows of B (written by each tile, a few rows at a time, 16 units
+// 16 KB apart, the char-LM forward loop ran 1.7x slower).
 template <typename Pool, typename Tile>
-void ForwardLoop(Pool& pool, int T, int B, int H, int threads, int nres, const Block (&res)[4],
-                 Tile tile) {
+void ForwardLoop(Pool& pool, int T, int B, int H, int threads, bool by_rows, int nres,
+                 const Block (&res)[4], Tile tile) {
   Parallel(pool, threads, [&](int p, int n, SpinBarrier& barrier) {
-    int j0, j1;
-    Share(H / kLanes, n, p, &j0, &j1);
+    const Part part = PartOf(by_rows, H / kLanes, B, n, p);
     std::vector<float> stage(4 * (size_t)B * kLanes);
     for (int t = 0; t < T; ++t) {
-      if (t > 0) barrier.Wait();
-      for (int j = j0; j < j1; ++j) {
-        RowTiles(B, [&](auto rows, int r) { tile(rows, t, r, j, stage.data()); });
+      if (t > 0 && !by_rows) barrier.Wait();
+      for (int j = part.j0; j < part.j1; ++j) {
+        RowTiles(part.b0, part.b1, [&](auto rows, int r) { tile(rows, t, r, j, stage.data()); });
         for (int blk = 0; blk < nres; ++blk)
-          PutBlock(res[blk], stage.data() + (size_t)blk * B * kLanes, T, B, t, j * kLanes);
+          PutBlock(res[blk], stage.data() + (size_t)blk * B * kLanes, T, B, t, j * kLanes,
+                   part.b0, part.b1);
       }
     }
   });
@@ -575,14 +639,15 @@ struct Ahead {
 // and the thread's lines of one step (80 KB for the char-LM LSTM) would not all stay in L1.
 inline void PrefetchL2(const float* p) { __builtin_prefetch(p, 0, 2); }
 
-// The backward loop shared by the cells: for every step, from the last, each thread takes its
-// 16-unit chunks in turn: reads the chunk's `nres` residual blocks `res` (GetBlock, into its own
-// [4][B, 16] scratch `tile` where they are gate-major), computes their `nd` blocks of gate
-// gradients into the step's `[B, nd H]` block of `rows` [2][B, nd H] (`gates(t, u, res, rows)`),
-// and writes those columns transposed into the gradient blocks `d` (gate-major [H, T, B] each:
-// where the residuals are gate-major too, the same buffers, over what was just read). After a
-// barrier (the block complete), its units of `dh_{t-1}` += the block's first G columns times W.
-// Two blocks in turn: a thread may start step t-1's gates while the other still reads step t's.
+// The backward loop shared by the cells: for every step, from the last, each thread takes the
+// 16-unit chunks of its `Part` in turn: reads the chunk's `nres` residual blocks `res` (GetBlock,
+// into its own [4][B, 16] scratch `tile` where they are gate-major), computes their `nd` blocks of
+// gate gradients for its rows [b0, b1) into the step's `[B, nd H]` block of `rows` [2][B, nd H]
+// (`gates(t, u, b0, b1, res, rows)`), and writes those columns transposed into the gradient
+// blocks `d` (gate-major [H, T, B] each: where the residuals are gate-major too, the same buffers,
+// over what was just read). Then (split by units, after a barrier: the block complete) its part of
+// `dh_{t-1}` += the block's first G columns times W. Two blocks in turn: a thread may start step
+// t-1's gates while the other still reads step t's.
 // The gradients are rolled by one step: step t's go to column t - 1 of `d` and step 0's to column
 // T - 1, so that the weight gradients multiply `hs` as it is, where `h_{t-1}` is a shifted copy of
 // it (26 MB per large step). Where the residuals are gate-major, `d` has their buffers, and column
@@ -591,10 +656,10 @@ inline void PrefetchL2(const float* p) { __builtin_prefetch(p, 0, 2); }
 // t - 1 reads them.
 // With a readout `ro`, `dh` takes its `d_hs[t]` before step t's gates (which then read no d_hs).
 // `sums` [nd H] receives each gradient row's sum over all steps and rows (the biases' gradients),
-// added up as each step's block is transposed into `d` (StoreTransposed, from registers): after
-// the loop XLA's reduction read the whole gradient array again, on one thread while the other
-// began the weights' GEMM, which then waited for it (the LSTM char-LM step: 0.3 ms of reduction
-// and 1.2 ms of an idle core). Each step's B rows are summed in float, the steps in double.
+// added up as each step's block is transposed into `d` (StoreTransposed, from registers, into
+// `Totals`): after the loop XLA's reduction read the whole gradient array again, on one thread
+// while the other began the weights' GEMM, which then waited for it (the LSTM char-LM step: 0.3 ms
+// of reduction and 1.2 ms of an idle core).
 // After its gates each thread prefetches what the same units will read first at step t - 1: the
 // rows of `ahead` and, gate-major, step t - 2's residuals (which step t - 1 moves into `saved`).
 // Both lie strided in memory (a row of B per unit, T B floats apart; rows H floats apart), a
@@ -603,18 +668,20 @@ inline void PrefetchL2(const float* p) { __builtin_prefetch(p, 0, 2); }
 template <bool kAdd, typename Pool, typename Gates>
 void BackwardLoop(Pool& pool, int T, int B, int H, int G, const float* W, int nres,
                   const Block (&res)[4], int nd, const Block (&d)[4], float* rows, float* dh,
-                  float* sums, int threads, Gates gates, const Readout& ro, const Ahead& ahead) {
+                  float* sums, int threads, bool by_rows, Gates gates, const Readout& ro,
+                  const Ahead& ahead) {
   const int ld = nd * H;
   const bool major = nres > 0 && res[0].ld == 0;
   const size_t tile_floats = (size_t)B * kLanes;
+  const int groups = (B + kLanes - 1) / kLanes;
+  std::vector<double> totals((size_t)groups * ld);
   Parallel(pool, threads, [&](int p, int n, SpinBarrier& barrier) {
-    int j0, j1;
-    Share(H / kLanes, n, p, &j0, &j1);
+    const Part part = PartOf(by_rows, H / kLanes, B, n, p);
+    const int j0 = part.j0, j1 = part.j1, b0 = part.b0, b1 = part.b1;
     std::vector<float> tile(4 * tile_floats);
     std::vector<float> saved(major ? (size_t)(j1 - j0) * nres * tile_floats : 0);
-    std::vector<double> total((size_t)(j1 - j0) * nd * kLanes);  // [its chunks][nd][16]
     if (ro.dz)  // d_hs[T - 1] of the readout, before the first step's gates
-      BwdGemm<true>(ro.dz + (size_t)(T - 1) * B * ro.O, B, ro.O, ro.O, ro.vc, H, dh, j0, j1);
+      BwdGemm<true>(ro.dz + (size_t)(T - 1) * B * ro.O, ro.O, ro.O, ro.vc, H, dh, part);
     for (int t = T - 1; t >= 0; --t) {
       float* block = rows + (size_t)(t & 1) * B * ld;
       for (int u = j0 * kLanes; u < j1 * kLanes; u += kLanes) {
@@ -623,34 +690,35 @@ void BackwardLoop(Pool& pool, int T, int B, int H, int G, const float* W, int nr
         for (int blk = 0; blk < nres; ++blk)
           in[blk] = major && t < T - 1
                         ? Rows{sv + blk * tile_floats, (size_t)kLanes}
-                        : GetBlock(res[blk], T, B, t, u, tile.data() + blk * tile_floats);
-        gates(t, u, in, block);
+                        : GetBlock(res[blk], T, B, t, u, b0, b1, tile.data() + blk * tile_floats);
+        gates(t, u, b0, b1, in, block);
         if (major && t > 0)
           for (int blk = 0; blk < nres; ++blk)
-            LoadGateMajor(res[blk].base, T, B, t - 1, u, sv + blk * tile_floats);
+            LoadGateMajor(res[blk].base, T, B, t - 1, u, b0, b1, sv + blk * tile_floats);
         if (const int ta = t - 1 + ahead.shift; ahead.rows && t > 0 && ta >= 0)
-          for (int b = 0; b < B; ++b) PrefetchL2(ahead.rows + ((size_t)ta * B + b) * H + u);
+          for (int b = b0; b < b1; ++b) PrefetchL2(ahead.rows + ((size_t)ta * B + b) * H + u);
         if (major && t > 1)
           for (int blk = 0; blk < nres; ++blk)
             for (int l = 0; l < kLanes; ++l)
-              for (int b = 0; b < B; b += kLanes)
+              for (int b = b0; b < b1; b += kLanes)
                 PrefetchL2(res[blk].base + ((size_t)(u + l) * T + t - 2) * B + b);
-        double* sums_u = total.data() + (size_t)(u / kLanes - j0) * nd * kLanes;
-        for (int blk = 0; blk < nd; ++blk)
-          StoreTransposed(block, ld, blk * H + u, B, T, (t + T - 1) % T, u, d[blk].base,
-                          sums_u + blk * kLanes);
+        for (int blk = 0; blk < nd; ++blk) {
+          const Totals total{totals.data() + (size_t)blk * H, (size_t)ld};
+          StoreTransposed(block, ld, blk * H + u, b0, b1, B, T, (t + T - 1) % T, u, d[blk].base,
+                          &total);
+        }
       }
-      barrier.Wait();
-      BwdGemm<kAdd>(block, B, ld, G, W, H, dh, j0, j1);
+      if (!by_rows) barrier.Wait();
+      BwdGemm<kAdd>(block, ld, G, W, H, dh, part);
       if (ro.dz && t > 0)
-        BwdGemm<true>(ro.dz + (size_t)(t - 1) * B * ro.O, B, ro.O, ro.O, ro.vc, H, dh, j0, j1);
+        BwdGemm<true>(ro.dz + (size_t)(t - 1) * B * ro.O, ro.O, ro.O, ro.vc, H, dh, part);
     }
-    for (int j = j0; j < j1; ++j)
-      for (int blk = 0; blk < nd; ++blk)
-        for (int l = 0; l < kLanes; ++l)
-          sums[blk * H + j * kLanes + l] =
-              (float)total[((size_t)(j - j0) * nd + blk) * kLanes + l];
   });
+  for (int c = 0; c < ld; ++c) {
+    double sum = 0;
+    for (int g = 0; g < groups; ++g) sum += totals[(size_t)g * ld + c];
+    sums[c] = (float)sum;
+  }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -701,11 +769,12 @@ struct LstmBwd {
   float* dc;          // [B, H]: d_cT in, carried, finally dL/dc_0
 };
 
-// Step t's gate gradients for units [u, u + 16), rows [0, B), from the gates s (i | f | g | o)
+// Step t's gate gradients for units [u, u + 16), rows [b0, b1), from the gates s (i | f | g | o)
 // into the step's block `rows` [B, 4H].
-inline void LstmBwdGates(const LstmBwd& x, int t, int u, const Rows (&s)[4], float* rows) {
+inline void LstmBwdGates(const LstmBwd& x, int t, int u, int b0, int b1, const Rows (&s)[4],
+                         float* rows) {
   const int H = x.H, G = 4 * H, B = x.B;
-  for (int b = 0; b < B; ++b) {
+  for (int b = b0; b < b1; ++b) {
     const size_t row = (size_t)t * B + b;
     float* d_a = rows + (size_t)b * G;
     const size_t i = (size_t)b * H + u;
@@ -769,11 +838,12 @@ struct GruBwd {
   float* dh;          // [B, H]: d_hT in, then dh z + (d_rec W), finally dL/dh_0
 };
 
-// Step t's gradients for units [u, u + 16), rows [0, B), from the residuals r | z | n | rec_n
+// Step t's gradients for units [u, u + 16), rows [b0, b1), from the residuals r | z | n | rec_n
 // into the step's block `rows` [B, 4H] = d_r | d_z | d_n r | d_n (d_rec_t: the first 3H).
-inline void GruBwdGates(const GruBwd& x, int t, int u, const Rows (&res)[4], float* rows) {
+inline void GruBwdGates(const GruBwd& x, int t, int u, int b0, int b1, const Rows (&res)[4],
+                        float* rows) {
   const int H = x.H, B = x.B, ld = 4 * H;
-  for (int b = 0; b < B; ++b) {
+  for (int b = b0; b < b1; ++b) {
     const size_t row = (size_t)t * B + b;
     float* d_rec = rows + (size_t)b * ld;
     const size_t i = (size_t)b * H + u;
@@ -849,12 +919,12 @@ struct ElmanBwd {
   float* dh;          // [B, H]: d_hT in, then delta_{t+1} W, finally dL/dh_0
 };
 
-// Step t's delta = (d_hs[t] + dh) f'(h_t) for units [u, u + 16), rows [0, B), into the step's
+// Step t's delta = (d_hs[t] + dh) f'(h_t) for units [u, u + 16), rows [b0, b1), into the step's
 // block `rows` [B, H].
 template <int64_t kAct>
-inline void ElmanBwdGates(const ElmanBwd& x, int t, int u, float* rows) {
+inline void ElmanBwdGates(const ElmanBwd& x, int t, int u, int b0, int b1, float* rows) {
   const int H = x.H, B = x.B;
-  for (int b = 0; b < B; ++b) {
+  for (int b = b0; b < b1; ++b) {
     const size_t row = (size_t)t * B + b;
     vf dh = load(x.dh + (size_t)b * H + u);
     if (x.d_hs) dh += load(x.d_hs + row * H + u);
@@ -1027,7 +1097,8 @@ ffi::Error LstmForwardImpl(F32 xs, F32 u, F32 w, F32 bias, F32 h0, F32 c0, F32Ou
   AdviseHugePages(cs->typed_data(), sizeof(float) * T * B * H);
   LstmFwd x{(int)T, (int)B, (int)D, (int)H, xs.typed_data(), bias.typed_data(), wp.data(),
             up.data(), h0.typed_data(), c0.typed_data(), hs->typed_data(), cs->typed_data()};
-  ForwardLoop(pool, x.T, x.B, x.H, Threads(threads, pool, H), 4, res,
+  const int n = Threads(threads, pool, H);
+  ForwardLoop(pool, x.T, x.B, x.H, n, ByRows(n, B, G * (H + D)), 4, res,
               [&](auto rows, int t, int r, int j, float* st) {
                 LstmFwdTile<decltype(rows)::value>(x, t, r, j, st);
               });
@@ -1054,11 +1125,12 @@ ffi::Error LstmBackwardImpl(F32 w, F32 cs, F32 c0, F32 d_hs, F32 dh_T, F32 dc_T,
   std::vector<float> rows(2 * (size_t)B * G), wc = PackColumns(w.typed_data(), G, H);
   LstmBwd x{(int)B, (int)H, cs.typed_data(), c0.typed_data(), ct.d_hs, dh0->typed_data(),
             dc0->typed_data()};
+  const int n = Threads(threads, pool, H);
   BackwardLoop<false>(pool, (int)T, (int)B, (int)H, (int)G, wc.data(), 4, res, 4,
-                      d, rows.data(), x.dh, db->typed_data(),
-                      Threads(threads, pool, H),
-                      [&](int t, int u, const Rows (&s)[4], float* rows) {
-                        LstmBwdGates(x, t, u, s, rows);
+                      d, rows.data(), x.dh, db->typed_data(), n,
+                      ByRows(n, B, (G + ct.ro.O) * H),
+                      [&](int t, int u, int b0, int b1, const Rows (&s)[4], float* rows) {
+                        LstmBwdGates(x, t, u, b0, b1, s, rows);
                       },
                       ct.ro, Ahead{x.cs, -1});
   return ffi::Error::Success();
@@ -1080,7 +1152,8 @@ ffi::Error GruForwardImpl(F32 xs, F32 u, F32 w, F32 b, F32 bh, F32 h0, F32Out hs
   AdviseHugePages(hs->typed_data(), sizeof(float) * T * B * H);
   GruFwd x{(int)T, (int)B, (int)D, (int)H, xs.typed_data(), b.typed_data(), bh.typed_data(),
            wp.data(), up.data(), h0.typed_data(), hs->typed_data()};
-  ForwardLoop(pool, x.T, x.B, x.H, Threads(threads, pool, H), 4, blocks,
+  const int n = Threads(threads, pool, H);
+  ForwardLoop(pool, x.T, x.B, x.H, n, ByRows(n, B, G * (H + D)), 4, blocks,
               [&](auto rows, int t, int r, int j, float* st) {
                 GruFwdTile<decltype(rows)::value>(x, t, r, j, st);
               });
@@ -1106,11 +1179,12 @@ ffi::Error GruBackwardImpl(F32 w, F32 hs, F32 h0, F32 d_hs, F32 dh_T, F32 dz, F3
   if (auto err = ReadCotangent("gru", d_hs, dz, v, T, B, H, &ct); err.failure()) return err;
   std::vector<float> rows(2 * (size_t)B * 4 * H), wc = PackColumns(w.typed_data(), G, H);
   GruBwd x{(int)B, (int)H, hs.typed_data(), h0.typed_data(), ct.d_hs, dh0->typed_data()};
+  const int n = Threads(threads, pool, H);
   BackwardLoop<true>(pool, (int)T, (int)B, (int)H, (int)G, wc.data(), 4, in, 4,
-                     out, rows.data(), x.dh, sums->typed_data(),
-                     Threads(threads, pool, H),
-                     [&](int t, int u, const Rows (&r)[4], float* rows) {
-                       GruBwdGates(x, t, u, r, rows);
+                     out, rows.data(), x.dh, sums->typed_data(), n,
+                     ByRows(n, B, (G + ct.ro.O) * H),
+                     [&](int t, int u, int b0, int b1, const Rows (&r)[4], float* rows) {
+                       GruBwdGates(x, t, u, b0, b1, r, rows);
                      },
                      ct.ro, Ahead{x.hs, -1});
   return ffi::Error::Success();
@@ -1148,7 +1222,8 @@ ffi::Error ElmanForwardImpl(F32 xs, F32 u, F32 w, F32 bias, F32 h0, F32Out hs, i
   Block none[4] = {};
   WithActivation(activation, [&](auto act) {
     constexpr int64_t kAct = decltype(act)::value;
-    ForwardLoop(pool, x.T, x.B, (int)H / 4, Threads(threads, pool, H / 4), 0, none,
+    const int n = Threads(threads, pool, H / 4);
+    ForwardLoop(pool, x.T, x.B, (int)H / 4, n, ByRows(n, B, H * (H + D)), 0, none,
                 [&](auto rows, int t, int r, int j, float*) {
                   ElmanFwdTile<decltype(rows)::value, kAct>(x, t, r, j);
                 });
@@ -1173,10 +1248,11 @@ ffi::Error ElmanBackwardImpl(F32 w, F32 hs, F32 d_hs, F32 dh_T, F32 dz, F32 v, F
   Blocks(d_t->typed_data(), 1, H, T, B, /*gate_major=*/true, d);
   WithActivation(activation, [&](auto act) {
     constexpr int64_t kAct = decltype(act)::value;
+    const int n = Threads(threads, pool, H);
     BackwardLoop<false>(pool, (int)T, (int)B, (int)H, (int)H, wc.data(), 0, none, 1, d,
-                        rows.data(), x.dh, db->typed_data(), Threads(threads, pool, H),
-                        [&](int t, int u, const Rows (&)[4], float* rows) {
-                          ElmanBwdGates<kAct>(x, t, u, rows);
+                        rows.data(), x.dh, db->typed_data(), n, ByRows(n, B, (H + ct.ro.O) * H),
+                        [&](int t, int u, int b0, int b1, const Rows (&)[4], float* rows) {
+                          ElmanBwdGates<kAct>(x, t, u, b0, b1, rows);
                         },
                         ct.ro, Ahead{x.hs, 0});
   });
