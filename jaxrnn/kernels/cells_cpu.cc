@@ -302,16 +302,22 @@ inline Part PartOf(bool by_rows, int chunks, int B, int n, int p) {
 }
 
 // Whether a loop splits its steps by rows (`Part`): with two threads or more, at least 16 rows for
-// each, and weights (packed, the bytes every thread reads at every step) that stay in a core's L2
-// beside the step's other data. On the Intel Xeon of the ninth session, two one-thread processes
+// each, and weights (packed, the bytes every thread reads at every step) that stay in a core's
+// L2 beside the step's other data: up to 512 KB, or up to 1.5 MB where each thread has 32 rows
+// or more to multiply them by. On the Intel Xeon of the ninth session, two one-thread processes
 // of 16 rows each ran the LSTM medium backward loop (B = 32, H = 128) in 2.5-2.7 ms against 4.4-4.5
 // for the loop split by units, its forward in 3.1-3.5 against 3.7-3.9; on the char-LM shapes
-// (1.3 MB of forward weights) the forward was slower split by rows (15.6-16.6 against 14.5 ms) and
-// on the large ones (5.2 MB) both were (experiments/PERF_NOTES.md).
+// (1.3 MB of forward weights, 16 rows each) the forward was slower split by rows (15.6-16.6
+// against 14.5 ms), and on the large LSTM (5.2 MB, 32 rows each) too (187-205 against 155 ms);
+// the large Elman cell's step (1.3 MB, 32 rows each) went 124-137 -> 115-119 ms
+// (experiments/PERF_NOTES.md).
 constexpr int64_t kByRowsMaxBytes = int64_t{512} << 10;
+constexpr int64_t kByRowsMaxBytesWide = int64_t{1536} << 10;
 
 inline bool ByRows(int threads, int64_t B, int64_t weight_floats) {
-  return threads > 1 && B >= 2 * kLanes && weight_floats * 4 <= kByRowsMaxBytes;
+  if (threads < 2 || B < 2 * kLanes) return false;
+  const int64_t bytes = weight_floats * 4;
+  return bytes <= kByRowsMaxBytes || (B / threads >= 2 * kLanes && bytes <= kByRowsMaxBytesWide);
 }
 
 // Pack M [NB H, K] (NB gate blocks of H rows) as [H / 16][K][NB][16]: the NB x 16 weights one
