@@ -112,3 +112,18 @@ def test_each_repeat_times_its_steps_after_the_untimed_settle_steps():
   assert seconds < 0.15
   runner = Runner()
   assert bench._timed_run(runner, 5) >= 0.2 and runner.calls == [5]  # settle=0: timed as is
+
+
+def test_jax_is_warmed_up_before_the_first_implementation_is_built(monkeypatch, tmp_path):
+  """JAX's process-wide first-use costs must fall on no implementation's first call: `warm_jax`
+  runs (and compiles a scan's gradient) before the first case."""
+  import bench
+  events = []
+  real_warm = bench.warm_jax
+  monkeypatch.setattr(bench, "matmul_gflops", lambda n: 1.0)
+  monkeypatch.setattr(bench, "warm_jax", lambda: (real_warm(), events.append("warm")))
+  monkeypatch.setattr(bench, "bench_case",
+                      lambda cell, config, args, log=print: events.append((cell, config)) or [])
+  bench.main(["--cells", "elman,gru", "--configs", "tiny", "--impls", "jaxrnn",
+              "--json", str(tmp_path / "b.json")])
+  assert events == ["warm", ("elman", "tiny"), ("gru", "tiny")]

@@ -2,7 +2,12 @@
 
 For each (cell, config) every implementation in `peers.py` is built on the same fixed data, then:
 
-1. first call: the time of the first step (trace + compile + run for JAX; one step for PyTorch);
+1. first call: the time of the first step (trace + compile + run for JAX; one step for PyTorch).
+   Before the first case the process traces, compiles and runs, untimed, the gradient of a tiny
+   `lax.scan` RNN written in plain JAX (`warm_jax`): JAX's own first use of `jit`, `grad` and
+   `scan` in a process (0.18 s measured) would otherwise be counted in whichever implementation
+   happens to come first (jaxrnn's Elman small first call 0.48-0.55 s in the runs before, 0.30-0.32
+   after a warm-up, against the JAX peers' 0.42-0.47);
 2. warm-up: a few more steps, one at a time; the losses must be finite and decrease (checked and
    reported; an implementation that fails the check is still timed, and flagged);
 3. `N` steps per repeat, `N` chosen from the warm-up so that one repeat takes about `--target-s`;
@@ -228,6 +233,21 @@ def matmul_gflops(n: int = 2048, repeats: int = 5) -> float:
     matmul(a, b).block_until_ready()
     times.append(time.perf_counter() - start)
   return 2.0 * n ** 3 / statistics.median(times) / 1e9
+
+
+def warm_jax() -> None:
+  """Trace, compile and run the gradient of a tiny `lax.scan` tanh RNN in plain JAX (no jaxrnn,
+  no peer), so that JAX's process-wide first-use costs fall on no implementation's first call."""
+  import jax
+  import jax.numpy as jnp
+
+  def loss(w, xs):
+    def body(h, x):
+      h = jnp.tanh(x @ w + h)
+      return h, h
+    return jax.lax.scan(body, jnp.zeros(4), xs)[1].sum()
+
+  jax.jit(jax.grad(loss))(jnp.ones((4, 4)), jnp.ones((3, 4))).block_until_ready()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -543,6 +563,7 @@ def main(argv=None) -> None:
     print(f"JAX float32 {matmul_n}^3 matmul: {gflops:.1f} GFLOP/s", flush=True)
   except Exception as exc:  # noqa: BLE001
     print(f"matmul benchmark failed: {_short_error(exc)}")
+  warm_jax()
   if "torch" in args.impls:
     try:
       import torch
@@ -557,8 +578,9 @@ def main(argv=None) -> None:
     return {
         "machine": machine,
         "matmul_gflops": gflops,
-        "protocol": (f"{args.repeats} interleaved repeats of ~{args.target_s} s per impl, "
-                     f"each after {args.settle} untimed step(s), median; "
+        "protocol": (f"JAX warmed up first (warm_jax); {args.repeats} interleaved repeats of "
+                     f"~{args.target_s} s per impl, each after {args.settle} untimed step(s), "
+                     "median; "
                      f"{args.warmup} warm-up steps; donate={args.donate}; seed={args.seed}"),
         "complete": complete,
         "wall_s": time.perf_counter() - start,
