@@ -3,11 +3,11 @@
 For each (cell, config) every implementation in `peers.py` is built on the same fixed data, then:
 
 1. first call: the time of the first step (trace + compile + run for JAX; one step for PyTorch).
-   Before the first case the process traces, compiles and runs, untimed, the gradient of a tiny
-   `lax.scan` RNN written in plain JAX (`warm_jax`): JAX's own first use of `jit`, `grad` and
-   `scan` in a process (0.18 s measured) would otherwise be counted in whichever implementation
-   happens to come first (jaxrnn's Elman small first call 0.48-0.55 s in the runs before, 0.30-0.32
-   after a warm-up, against the JAX peers' 0.42-0.47);
+   Before the first case the process traces, compiles and runs, untimed, one training step of a
+   tiny RNN written in plain JAX and Optax (`warm_jax`): JAX's and XLA's first use in a process
+   would otherwise be counted in whichever implementation comes first, jaxrnn's in the first case
+   (in fresh processes, each implementation first: jaxrnn's Elman small first call 0.50 s, Haiku's
+   0.72, Flax nnx's 0.71; after this warm-up 0.40, 0.55 and 0.73);
 2. warm-up: a few more steps, one at a time; the losses must be finite and decrease (checked and
    reported; an implementation that fails the check is still timed, and flagged);
 3. `N` steps per repeat, `N` chosen from the warm-up so that one repeat takes about `--target-s`;
@@ -236,18 +236,30 @@ def matmul_gflops(n: int = 2048, repeats: int = 5) -> float:
 
 
 def warm_jax() -> None:
-  """Trace, compile and run the gradient of a tiny `lax.scan` tanh RNN in plain JAX (no jaxrnn,
-  no peer), so that JAX's process-wide first-use costs fall on no implementation's first call."""
+  """Trace, compile and run one training step of a tiny RNN in plain JAX and Optax (`lax.scan`,
+  readout, mean squared error, `value_and_grad`, Adam; no jaxrnn, no peer), so that JAX's and
+  XLA's process-wide first-use costs fall on no implementation's first call."""
   import jax
   import jax.numpy as jnp
+  import optax
 
-  def loss(w, xs):
+  def loss(params, xs, ys):
     def body(h, x):
-      h = jnp.tanh(x @ w + h)
+      h = jnp.tanh(x @ params["U"] + h @ params["W"] + params["b"][None])
       return h, h
-    return jax.lax.scan(body, jnp.zeros(4), xs)[1].sum()
+    hs = jax.lax.scan(body, jnp.zeros((2, 4)), xs)[1]
+    return jnp.mean((hs @ params["V"] - ys) ** 2)
 
-  jax.jit(jax.grad(loss))(jnp.ones((4, 4)), jnp.ones((3, 4))).block_until_ready()
+  opt = optax.adam(1e-3)
+
+  @jax.jit
+  def step(params, state, xs, ys):
+    value, grads = jax.value_and_grad(loss)(params, xs, ys)
+    updates, state = opt.update(grads, state, params)
+    return optax.apply_updates(params, updates), state, value
+
+  params = {"U": jnp.ones((3, 4)), "W": jnp.eye(4), "b": jnp.zeros(4), "V": jnp.ones((4, 2))}
+  jax.block_until_ready(step(params, opt.init(params), jnp.ones((5, 2, 3)), jnp.ones((5, 2, 2))))
 
 
 # ----------------------------------------------------------------------------------------------
