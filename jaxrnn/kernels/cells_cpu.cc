@@ -191,13 +191,13 @@ std::vector<int> DistinctCpus(int n) {
 // tasks on XLA's CPU thread pool (its workers are idle while this call runs; a helper std::thread
 // per call instead measured 1.5-2x slower, an extra runnable thread on the same cores). The bodies
 // may meet at a barrier once per step (`Part`), so every one of them must be running: n counts
-// only the tasks that started within kJoinWait of being scheduled. The pool may be busy, or its workers may be
-// the very threads running other calls of these loops (several JAX computations at once: with a
-// fixed n, two concurrent calls each waited at their barrier for a helper that could never start,
-// and hung); a task that starts later finds the call sealed and returns without touching it. A
-// task the pool runs inline on the caller (ffi::ThreadPool does that when scheduling fails)
-// starts a std::thread for itself instead. Each participant stays on its own CPU for the call
-// (`DistinctCpus`, `PinnedTo`).
+// only the tasks that started within kJoinWait of being scheduled. The pool may be busy, or its
+// workers may be the very threads running other calls of these loops (several JAX computations at
+// once: with a fixed n, two concurrent calls each waited at their barrier for a helper that could
+// never start, and hung); a task that starts later finds the call sealed and returns without
+// touching it. A task the pool runs inline on the caller (ffi::ThreadPool does that when
+// scheduling fails) starts a std::thread for itself instead. Each participant stays on its own
+// CPU for the call (`DistinctCpus`, `PinnedTo`).
 template <typename Pool, typename F>
 void Parallel(Pool& pool, int threads, F body) {
   if (threads <= 1) {
@@ -426,7 +426,8 @@ constexpr int kBwdBlockK = 128;
 // RowTiles x 64-unit tiles: column groups outer, then blocks of kBwdBlockK rows of W, rows of dh
 // inner.
 template <bool kAdd>
-void BwdGemm(const float* d_rec, int ld, int G, const float* W, int H, float* dh, const Part& part) {
+void BwdGemm(const float* d_rec, int ld, int G, const float* W, int H, float* dh,
+             const Part& part) {
   const int j0 = part.j0, j1 = part.j1;
   for (int j = j0; j < j1; j += 4) {
     const int nv = std::min(4, j1 - j);
