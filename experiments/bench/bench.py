@@ -7,7 +7,8 @@ For each (cell, config) every implementation in `peers.py` is built on the same 
    tiny RNN written in plain JAX and Optax (`warm_jax`): JAX's and XLA's first use in a process
    would otherwise be counted in whichever implementation comes first, jaxrnn's in the first case
    (in fresh processes, each implementation first: jaxrnn's Elman small first call 0.50 s, Haiku's
-   0.72, Flax nnx's 0.71; after this warm-up 0.40, 0.55 and 0.73);
+   0.72, Flax nnx's 0.71; after this warm-up 0.40, 0.55 and 0.73). Each first call runs right
+   after a garbage collection, with the collector off, as the timed steps do (below);
 2. warm-up: a few more steps, one at a time; the losses must be finite and decrease (checked and
    reported; an implementation that fails the check is still timed, and flagged);
 3. `N` steps per repeat, `N` chosen from the warm-up so that one repeat takes about `--target-s`;
@@ -325,9 +326,18 @@ def bench_case(cell: str, config: str, args, log=print) -> list[dict]:
   for impl in list(runners):
     row, runner = rows[impl], runners[impl]
     try:
-      start = time.perf_counter()
-      first_loss = float(runner.run(1))
-      row["first_call_s"] = time.perf_counter() - start
+      # As for the timed steps (`_timed_run`): a collection left owing by the objects every
+      # implementation's build made would land in the first call that happens to trigger it
+      # (measured: jaxrnn's Elman small first call 0.29 s built alone, 0.43-0.44 s after all the
+      # peers had been built, the peers' own 0.40-0.49).
+      gc.collect()
+      gc.disable()
+      try:
+        start = time.perf_counter()
+        first_loss = float(runner.run(1))
+        row["first_call_s"] = time.perf_counter() - start
+      finally:
+        gc.enable()
       losses, times = [first_loss], []
       for _ in range(args.warmup):
         start = time.perf_counter()
