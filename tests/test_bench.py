@@ -141,10 +141,12 @@ def test_first_calls_run_after_a_collection_with_the_collector_off(monkeypatch):
 
     def __init__(self):
       self.losses = iter(range(100, 0, -1))
+      self.calls = 0
 
     def run(self, n):
-      if not seen or len(seen) < 2 and seen[-1][0] is not self:
+      if self.calls == 0:  # the first call
         seen.append((self, gc.isenabled(), gc.get_count()[0]))
+      self.calls += 1
       return float(next(self.losses))
 
   runners = {}

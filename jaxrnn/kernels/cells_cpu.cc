@@ -601,14 +601,16 @@ inline void PutBlock(const Block& k, const float* stage, int T, int B, int t, in
 }
 
 // The forward loop shared by the cells: for every step, each thread runs `tile(R, t, r0, j, stage)`
-// over the 16-unit chunks j and the rows of its `Part` in RowTiles (split by units, after a
-// barrier: h_{t-1} complete); the tiles leave the chunk's `nres` residual blocks (4, or none for
-// the Elman cell) in `stage` [4][B, 16] (the thread's own), which then go to the residual blocks
-// `res`, gate-major ones in whole rows of B (written by each tile, a few rows at a time, 16 units
-// 16 KB apart, the char-LM forward loop ran 1.7x slower).
+// over the 16-unit chunks j and the rows of its `Part` in RowTiles (split by rows where `ByRows`
+// says so for the packed `weight_floats`, else by units, after a barrier: h_{t-1} complete); the
+// tiles leave the chunk's `nres` residual blocks (4, or none for the Elman cell) in `stage`
+// [4][B, 16] (the thread's own), which then go to the residual blocks `res`, gate-major ones in
+// whole rows of B (written by each tile, a few rows at a time, 16 units 16 KB apart, the char-LM
+// forward loop ran 1.7x slower).
 template <typename Pool, typename Tile>
-void ForwardLoop(Pool& pool, int T, int B, int H, int threads, bool by_rows, int nres,
+void ForwardLoop(Pool& pool, int T, int B, int H, int threads, int64_t weight_floats, int nres,
                  const Block (&res)[4], Tile tile) {
+  const bool by_rows = ByRows(threads, B, weight_floats);
   Parallel(pool, threads, [&](int p, int n, SpinBarrier& barrier) {
     const Part part = PartOf(by_rows, H / kLanes, B, n, p);
     std::vector<float> stage(4 * (size_t)B * kLanes);
@@ -652,9 +654,10 @@ inline void PrefetchL2(const float* p) { __builtin_prefetch(p, 0, 2); }
 // gate gradients for its rows [b0, b1) into the step's `[B, nd H]` block of `rows` [2][B, nd H]
 // (`gates(t, u, b0, b1, res, rows)`), and writes those columns transposed into the gradient
 // blocks `d` (gate-major [H, T, B] each: where the residuals are gate-major too, the same buffers,
-// over what was just read). Then (split by units, after a barrier: the block complete) its part of
-// `dh_{t-1}` += the block's first G columns times W. Two blocks in turn: a thread may start step
-// t-1's gates while the other still reads step t's.
+// over what was just read). Then (split by units, after a barrier: the block complete; by rows
+// where `ByRows` says so for W and the readout's V) its part of `dh_{t-1}` += the block's first G
+// columns times W. Two blocks in turn: a thread may start step t-1's gates while the other still
+// reads step t's.
 // The gradients are rolled by one step: step t's go to column t - 1 of `d` and step 0's to column
 // T - 1, so that the weight gradients multiply `hs` as it is, where `h_{t-1}` is a shifted copy of
 // it (26 MB per large step). Where the residuals are gate-major, `d` has their buffers, and column
@@ -675,8 +678,8 @@ inline void PrefetchL2(const float* p) { __builtin_prefetch(p, 0, 2); }
 template <bool kAdd, typename Pool, typename Gates>
 void BackwardLoop(Pool& pool, int T, int B, int H, int G, const float* W, int nres,
                   const Block (&res)[4], int nd, const Block (&d)[4], float* rows, float* dh,
-                  float* sums, int threads, bool by_rows, Gates gates, const Readout& ro,
-                  const Ahead& ahead) {
+                  float* sums, int threads, Gates gates, const Readout& ro, const Ahead& ahead) {
+  const bool by_rows = ByRows(threads, B, (int64_t)(G + ro.O) * H);
   const int ld = nd * H;
   const bool major = nres > 0 && res[0].ld == 0;
   const size_t tile_floats = (size_t)B * kLanes;
@@ -1104,8 +1107,7 @@ ffi::Error LstmForwardImpl(F32 xs, F32 u, F32 w, F32 bias, F32 h0, F32 c0, F32Ou
   AdviseHugePages(cs->typed_data(), sizeof(float) * T * B * H);
   LstmFwd x{(int)T, (int)B, (int)D, (int)H, xs.typed_data(), bias.typed_data(), wp.data(),
             up.data(), h0.typed_data(), c0.typed_data(), hs->typed_data(), cs->typed_data()};
-  const int n = Threads(threads, pool, H);
-  ForwardLoop(pool, x.T, x.B, x.H, n, ByRows(n, B, G * (H + D)), 4, res,
+  ForwardLoop(pool, x.T, x.B, x.H, Threads(threads, pool, H), G * (H + D), 4, res,
               [&](auto rows, int t, int r, int j, float* st) {
                 LstmFwdTile<decltype(rows)::value>(x, t, r, j, st);
               });
@@ -1132,10 +1134,8 @@ ffi::Error LstmBackwardImpl(F32 w, F32 cs, F32 c0, F32 d_hs, F32 dh_T, F32 dc_T,
   std::vector<float> rows(2 * (size_t)B * G), wc = PackColumns(w.typed_data(), G, H);
   LstmBwd x{(int)B, (int)H, cs.typed_data(), c0.typed_data(), ct.d_hs, dh0->typed_data(),
             dc0->typed_data()};
-  const int n = Threads(threads, pool, H);
   BackwardLoop<false>(pool, (int)T, (int)B, (int)H, (int)G, wc.data(), 4, res, 4,
-                      d, rows.data(), x.dh, db->typed_data(), n,
-                      ByRows(n, B, (G + ct.ro.O) * H),
+                      d, rows.data(), x.dh, db->typed_data(), Threads(threads, pool, H),
                       [&](int t, int u, int b0, int b1, const Rows (&s)[4], float* rows) {
                         LstmBwdGates(x, t, u, b0, b1, s, rows);
                       },
@@ -1159,8 +1159,7 @@ ffi::Error GruForwardImpl(F32 xs, F32 u, F32 w, F32 b, F32 bh, F32 h0, F32Out hs
   AdviseHugePages(hs->typed_data(), sizeof(float) * T * B * H);
   GruFwd x{(int)T, (int)B, (int)D, (int)H, xs.typed_data(), b.typed_data(), bh.typed_data(),
            wp.data(), up.data(), h0.typed_data(), hs->typed_data()};
-  const int n = Threads(threads, pool, H);
-  ForwardLoop(pool, x.T, x.B, x.H, n, ByRows(n, B, G * (H + D)), 4, blocks,
+  ForwardLoop(pool, x.T, x.B, x.H, Threads(threads, pool, H), G * (H + D), 4, blocks,
               [&](auto rows, int t, int r, int j, float* st) {
                 GruFwdTile<decltype(rows)::value>(x, t, r, j, st);
               });
@@ -1186,10 +1185,8 @@ ffi::Error GruBackwardImpl(F32 w, F32 hs, F32 h0, F32 d_hs, F32 dh_T, F32 dz, F3
   if (auto err = ReadCotangent("gru", d_hs, dz, v, T, B, H, &ct); err.failure()) return err;
   std::vector<float> rows(2 * (size_t)B * 4 * H), wc = PackColumns(w.typed_data(), G, H);
   GruBwd x{(int)B, (int)H, hs.typed_data(), h0.typed_data(), ct.d_hs, dh0->typed_data()};
-  const int n = Threads(threads, pool, H);
   BackwardLoop<true>(pool, (int)T, (int)B, (int)H, (int)G, wc.data(), 4, in, 4,
-                     out, rows.data(), x.dh, sums->typed_data(), n,
-                     ByRows(n, B, (G + ct.ro.O) * H),
+                     out, rows.data(), x.dh, sums->typed_data(), Threads(threads, pool, H),
                      [&](int t, int u, int b0, int b1, const Rows (&r)[4], float* rows) {
                        GruBwdGates(x, t, u, b0, b1, r, rows);
                      },
@@ -1229,8 +1226,7 @@ ffi::Error ElmanForwardImpl(F32 xs, F32 u, F32 w, F32 bias, F32 h0, F32Out hs, i
   Block none[4] = {};
   WithActivation(activation, [&](auto act) {
     constexpr int64_t kAct = decltype(act)::value;
-    const int n = Threads(threads, pool, H / 4);
-    ForwardLoop(pool, x.T, x.B, (int)H / 4, n, ByRows(n, B, H * (H + D)), 0, none,
+    ForwardLoop(pool, x.T, x.B, (int)H / 4, Threads(threads, pool, H / 4), H * (H + D), 0, none,
                 [&](auto rows, int t, int r, int j, float*) {
                   ElmanFwdTile<decltype(rows)::value, kAct>(x, t, r, j);
                 });
@@ -1255,9 +1251,8 @@ ffi::Error ElmanBackwardImpl(F32 w, F32 hs, F32 d_hs, F32 dh_T, F32 dz, F32 v, F
   Blocks(d_t->typed_data(), 1, H, T, B, /*gate_major=*/true, d);
   WithActivation(activation, [&](auto act) {
     constexpr int64_t kAct = decltype(act)::value;
-    const int n = Threads(threads, pool, H);
     BackwardLoop<false>(pool, (int)T, (int)B, (int)H, (int)H, wc.data(), 0, none, 1, d,
-                        rows.data(), x.dh, db->typed_data(), n, ByRows(n, B, (H + ct.ro.O) * H),
+                        rows.data(), x.dh, db->typed_data(), Threads(threads, pool, H),
                         [&](int t, int u, int b0, int b1, const Rows (&)[4], float* rows) {
                           ElmanBwdGates<kAct>(x, t, u, b0, b1, rows);
                         },
