@@ -34,9 +34,11 @@ def test_library_builds_here():
 # with a 4- and a 1-row tile, 32 with a 2-row one, 3 with 2 + 1, 19 with 1), an odd number of
 # 16-unit chunks (H = 48), one chunk (H = 16), 2-thread splits (B * H * H large enough): by units
 # (B = 17, 19: under 32 rows) and by rows (B = 32: 16 each; B = 35: 16 and 19, a 16-row block
-# and a 3-row tail in the second thread's transposes).
+# and a 3-row tail in the second thread's transposes); under 16 rows, more than 32 steps (the
+# backward writes its gradients 16 steps at a time there: full groups, a 16 x 16 transpose at
+# B = 1, and a partial last group).
 SHAPES = [(3, 7, 5, 16), (1, 9, 1, 48), (17, 6, 3, 64), (19, 4, 3, 32), (32, 5, 7, 128),
-          (35, 4, 3, 32)]
+          (35, 4, 3, 32), (1, 37, 2, 32), (3, 34, 2, 16)]
 
 
 CELLS = {"lstm": lstm(), "gru": gru()}
@@ -156,8 +158,9 @@ def _grads(spec, backward, **kw):
 
 # The Elman loops: H a multiple of 64 (the tile takes 16 units from each quarter of H); with and
 # without the second bias; every activation; gate-major output from 1 to 35 rows (32 and 35 split
-# between two threads by rows).
-ELMAN_SHAPES = [(3, 7, 5, 64), (1, 9, 1, 128), (17, 4, 3, 64), (32, 5, 7, 128), (35, 4, 3, 128)]
+# between two threads by rows); 1 and 2 rows over more than 32 steps (16-step groups, as above).
+ELMAN_SHAPES = [(3, 7, 5, 64), (1, 9, 1, 128), (17, 4, 3, 64), (32, 5, 7, 128), (35, 4, 3, 128),
+                (1, 37, 2, 64), (2, 33, 3, 64)]
 
 
 def _elman_inputs(f, b, t, d, h, two_biases, seed=0):

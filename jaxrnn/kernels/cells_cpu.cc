@@ -332,31 +332,47 @@ std::vector<float> Pack(const float* M, int NB, int64_t H, int64_t K) {
   return packed;
 }
 
-// acc[r][Ts[b]] += sum_k src[r, k] w[k, b, :] for the rows r of the row-major `src` (stride K)
-// and the packed blocks b: one tile of the step's GEMM, 16 units of each gate block, with the
+// acc[r][Ts[b]] += src[r, k] w[k, b, :] for one k (`w` at its packed weights), for the rows r of
+// the row-major `src` (stride K) and the packed blocks b: 16 units of each gate block, with the
 // packed block b accumulating into accumulator Ts[b] (the GRU keeps `U x` and `W h` of its n block
 // apart, so its two GEMMs map their three blocks to different accumulators).
+template <int R, int T0, int T1, int T2, int T3>
+inline void AccumulateOne(vf (&acc)[R][4], const float* src, int K, int k, const float* w) {
+  constexpr int NB = T3 < 0 ? 3 : 4;
+  vf w0 = load(w), w1 = load(w + kLanes), w2 = load(w + 2 * kLanes);
+  vf w3 = NB == 4 ? load(w + 3 * kLanes) : vf{};
+  // Keep the weight vectors in registers: left to itself GCC folds them into the FMAs as memory
+  // operands, one load per row and block, and the tile ran at half the FMA rate.
+#if defined(__x86_64__)
+  __asm__("" : "+v"(w0), "+v"(w1), "+v"(w2), "+v"(w3));
+#endif
+  // Written out (not a loop over a table of targets): with the targets in an array GCC kept the
+  // accumulators in memory, 2.3x slower.
+  for (int r = 0; r < R; ++r) {
+    vf v = splat(src[(size_t)r * K + k]);
+    acc[r][T0] += v * w0;
+    acc[r][T1] += v * w1;
+    acc[r][T2] += v * w2;
+    if constexpr (T3 >= 0) acc[r][T3] += v * w3;
+  }
+}
+
+// The same summed over k < K: one tile of the step's GEMM. One row alone (B = 1) has only NB
+// chains of K dependent FMAs, 4 cycles each, where two FMAs issue per cycle: there the odd k go to
+// a second set of accumulators, added at the end (GRU small forward loop 5% faster).
 template <int R, int T0, int T1, int T2, int T3 = -1>
 inline void Accumulate(vf (&acc)[R][4], const float* src, int K, const float* w) {
   constexpr int NB = T3 < 0 ? 3 : 4;
-  for (int k = 0; k < K; ++k, w += NB * kLanes) {
-    vf w0 = load(w), w1 = load(w + kLanes), w2 = load(w + 2 * kLanes);
-    vf w3 = NB == 4 ? load(w + 3 * kLanes) : vf{};
-    // Keep the weight vectors in registers: left to itself GCC folds them into the FMAs as
-    // memory operands, one load per row and block, and the tile ran at half the FMA rate.
-#if defined(__x86_64__)
-    __asm__("" : "+v"(w0), "+v"(w1), "+v"(w2), "+v"(w3));
-#endif
-    // Written out (not a loop over a table of targets): with the targets in an array GCC kept
-    // the accumulators in memory, 2.3x slower.
-    for (int r = 0; r < R; ++r) {
-      vf v = splat(src[(size_t)r * K + k]);
-      acc[r][T0] += v * w0;
-      acc[r][T1] += v * w1;
-      acc[r][T2] += v * w2;
-      if constexpr (T3 >= 0) acc[r][T3] += v * w3;
+  int k = 0;
+  if constexpr (R == 1) {
+    vf odd[1][4] = {};
+    for (; k + 2 <= K; k += 2, w += 2 * NB * kLanes) {
+      AccumulateOne<R, T0, T1, T2, T3>(acc, src, K, k, w);
+      AccumulateOne<R, T0, T1, T2, T3>(odd, src, K, k + 1, w + NB * kLanes);
     }
+    for (int b = 0; b < 4; ++b) acc[0][b] += odd[0][b];  // blocks not written are 0 in odd
   }
+  for (; k < K; ++k, w += NB * kLanes) AccumulateOne<R, T0, T1, T2, T3>(acc, src, K, k, w);
 }
 
 // Calls tile(std::integral_constant<int, R>{}, r) over the rows [b0, b1) of a step's GEMM: tiles of
@@ -394,7 +410,17 @@ inline void BwdTile(const float* d_rec, int ld, int G, const float* Wc, int H, f
   const float* w = Wc + ((size_t)j * G + g0) * kLanes;
   d_rec += (size_t)r0 * ld;
   vf acc[R][NV] = {};
-  for (int g = g0; g < g1; ++g, w += kLanes) {
+  int g = g0;
+  if constexpr (R == 1) {  // NV chains only: four sets of accumulators over g mod 4 (as Accumulate)
+    vf part[4][NV] = {};
+    for (; g + 4 <= g1; g += 4, w += 4 * kLanes)
+      for (int s = 0; s < 4; ++s) {
+        vf d = splat(d_rec[g + s]);
+        for (int v = 0; v < NV; ++v) part[s][v] += d * load(w + ((size_t)v * G + s) * kLanes);
+      }
+    for (int v = 0; v < NV; ++v) acc[0][v] = (part[0][v] + part[1][v]) + (part[2][v] + part[3][v]);
+  }
+  for (; g < g1; ++g, w += kLanes) {
     vf wv[NV];
     for (int v = 0; v < NV; ++v) {
       wv[v] = load(w + (size_t)v * G * kLanes);
@@ -500,6 +526,41 @@ struct Totals {
   }
 };
 
+// Adds the sums over the rows [b0, b1) (of one 16-row group) of the columns [g0, g0 + 16) of the
+// row-major step block `rows` [B, ld] to the columns [out_g0, out_g0 + 16) of `total`.
+inline void AddRowSums(const float* rows, int ld, int g0, int b0, int b1, int out_g0,
+                       const Totals& total) {
+  vf sum = {};
+  for (int r = b0; r < b1; ++r) sum += load(rows + (size_t)r * ld + g0);
+  total.Add(b0, out_g0, sum);
+}
+
+// Columns [g0, g0 + 16) of the steps whose gradients go to the columns [c0, c1) of the transposed
+// output `d_t` [., T, B] (at most 16: column c is step c + 1's, rolled as in BackwardLoop), from
+// the ring of 16 step blocks `ring` [16][B, ld] (step t's in slot t % 16), all B < 16 rows. For
+// fewer than 16 rows StoreTransposed writes each step apart, a float or a few per unit, each unit
+// on its own cache line (T B floats apart): 256 stores to 256 lines per GRU step at B = 1, a
+// quarter of its backward loop. Here 16 steps of a unit are 16 B consecutive floats, written
+// together, at B = 1 from a 16 x 16 transpose in registers.
+inline void StoreSteps(const float* ring, int ld, int g0, int B, int T, int c0, int c1,
+                       int out_g0, float* d_t) {
+  const size_t slot = (size_t)B * ld;
+  if (B == 1 && c1 - c0 == kLanes) {
+    vf m[kLanes];
+    for (int s = 0; s < kLanes; ++s) m[s] = load(ring + (size_t)((c0 + s + 1) % kLanes) * slot + g0);
+    Transpose16(m);
+    for (int l = 0; l < kLanes; ++l) store(d_t + (size_t)(out_g0 + l) * T + c0, m[l]);
+    return;
+  }
+  for (int l = 0; l < kLanes; ++l) {
+    float* dst = d_t + ((size_t)(out_g0 + l) * T + c0) * B;
+    for (int c = c0; c < c1; ++c) {
+      const float* src = ring + (size_t)((c + 1) % kLanes) * slot + g0 + l;
+      for (int b = 0; b < B; ++b) *dst++ = src[(size_t)b * ld];
+    }
+  }
+}
+
 // Columns [g0, g0 + 16) of the rows [b0, b1) of the row-major step block `rows` [B, ld] into the
 // transposed output `d_t` [., T, B] at step t. XLA transposed the row-major per-step gradients
 // twice after the loop (for dW and for dU: 5.8 ms of a 48 ms LSTM char-LM step); this is one pass
@@ -522,11 +583,7 @@ inline void StoreTransposed(const float* rows, int ld, int g0, int b0, int b1, i
     for (int l = 0; l < kLanes; ++l) store(dst + l * stride + b, m[l]);
   }
   if (b == b1) return;
-  if (total) {
-    vf sum = {};
-    for (int r = b; r < b1; ++r) sum += load(rows + (size_t)r * ld + g0);
-    total->Add(b, out_g0, sum);
-  }
+  if (total) AddRowSums(rows, ld, g0, b, b1, out_g0, *total);
   for (int l = 0; l < kLanes; ++l) {
     float* dst = d_t + ((size_t)(out_g0 + l) * T + t) * B;
     for (int r = b; r < b1; ++r) dst[r] = rows[(size_t)r * ld + g0 + l];
@@ -677,10 +734,14 @@ inline void PrefetchL2(const float* p) { __builtin_prefetch(p, 0, 2); }
 // these loads for about a third of its gate phase.
 template <bool kAdd, typename Pool, typename Gates>
 void BackwardLoop(Pool& pool, int T, int B, int H, int G, const float* W, int nres,
-                  const Block (&res)[4], int nd, const Block (&d)[4], float* rows, float* dh,
+                  const Block (&res)[4], int nd, const Block (&d)[4], float* dh,
                   float* sums, int threads, Gates gates, const Readout& ro, const Ahead& ahead) {
   const bool by_rows = ByRows(threads, B, (int64_t)(G + ro.O) * H);
   const int ld = nd * H;
+  const bool ring = B < kLanes;
+  const int slots = ring ? kLanes : 2;
+  std::vector<float> step_blocks((size_t)slots * B * ld);
+  float* const rows = step_blocks.data();
   const bool major = nres > 0 && res[0].ld == 0;
   const size_t tile_floats = (size_t)B * kLanes;
   const int groups = (B + kLanes - 1) / kLanes;
@@ -693,7 +754,7 @@ void BackwardLoop(Pool& pool, int T, int B, int H, int G, const float* W, int nr
     if (ro.dz)  // d_hs[T - 1] of the readout, before the first step's gates
       BwdGemm<true>(ro.dz + (size_t)(T - 1) * B * ro.O, ro.O, ro.O, ro.vc, H, dh, part);
     for (int t = T - 1; t >= 0; --t) {
-      float* block = rows + (size_t)(t & 1) * B * ld;
+      float* block = rows + (size_t)(t % slots) * B * ld;
       for (int u = j0 * kLanes; u < j1 * kLanes; u += kLanes) {
         float* sv = major ? saved.data() + (size_t)(u / kLanes - j0) * nres * tile_floats : nullptr;
         Rows in[4];
@@ -714,8 +775,14 @@ void BackwardLoop(Pool& pool, int T, int B, int H, int G, const float* W, int nr
                 PrefetchL2(res[blk].base + ((size_t)(u + l) * T + t - 2) * B + b);
         for (int blk = 0; blk < nd; ++blk) {
           const Totals total{totals.data() + (size_t)blk * H, (size_t)ld};
-          StoreTransposed(block, ld, blk * H + u, b0, b1, B, T, (t + T - 1) % T, u, d[blk].base,
-                          &total);
+          if (!ring || t == 0) {
+            StoreTransposed(block, ld, blk * H + u, b0, b1, B, T, (t + T - 1) % T, u, d[blk].base,
+                            &total);
+            continue;
+          }
+          AddRowSums(block, ld, blk * H + u, b0, b1, u, total);
+          if (const int c = t - 1; c % kLanes == 0)
+            StoreSteps(rows, ld, blk * H + u, B, T, c, std::min(c + kLanes, T - 1), u, d[blk].base);
         }
       }
       if (!by_rows) barrier.Wait();
@@ -1131,11 +1198,11 @@ ffi::Error LstmBackwardImpl(F32 w, F32 cs, F32 c0, F32 d_hs, F32 dh_T, F32 dc_T,
   std::memcpy(dc0->typed_data(), dc_T.typed_data(), sizeof(float) * B * H);
   Cotangent ct;
   if (auto err = ReadCotangent("lstm", d_hs, dz, v, T, B, H, &ct); err.failure()) return err;
-  std::vector<float> rows(2 * (size_t)B * G), wc = PackColumns(w.typed_data(), G, H);
+  std::vector<float> wc = PackColumns(w.typed_data(), G, H);
   LstmBwd x{(int)B, (int)H, cs.typed_data(), c0.typed_data(), ct.d_hs, dh0->typed_data(),
             dc0->typed_data()};
   BackwardLoop<false>(pool, (int)T, (int)B, (int)H, (int)G, wc.data(), 4, res, 4,
-                      d, rows.data(), x.dh, db->typed_data(), Threads(threads, pool, H),
+                      d, x.dh, db->typed_data(), Threads(threads, pool, H),
                       [&](int t, int u, int b0, int b1, const Rows (&s)[4], float* rows) {
                         LstmBwdGates(x, t, u, b0, b1, s, rows);
                       },
@@ -1183,10 +1250,10 @@ ffi::Error GruBackwardImpl(F32 w, F32 hs, F32 h0, F32 d_hs, F32 dh_T, F32 dz, F3
   std::memcpy(dh0->typed_data(), dh_T.typed_data(), sizeof(float) * B * H);
   Cotangent ct;
   if (auto err = ReadCotangent("gru", d_hs, dz, v, T, B, H, &ct); err.failure()) return err;
-  std::vector<float> rows(2 * (size_t)B * 4 * H), wc = PackColumns(w.typed_data(), G, H);
+  std::vector<float> wc = PackColumns(w.typed_data(), G, H);
   GruBwd x{(int)B, (int)H, hs.typed_data(), h0.typed_data(), ct.d_hs, dh0->typed_data()};
   BackwardLoop<true>(pool, (int)T, (int)B, (int)H, (int)G, wc.data(), 4, in, 4,
-                     out, rows.data(), x.dh, sums->typed_data(), Threads(threads, pool, H),
+                     out, x.dh, sums->typed_data(), Threads(threads, pool, H),
                      [&](int t, int u, int b0, int b1, const Rows (&r)[4], float* rows) {
                        GruBwdGates(x, t, u, b0, b1, r, rows);
                      },
@@ -1245,14 +1312,14 @@ ffi::Error ElmanBackwardImpl(F32 w, F32 hs, F32 d_hs, F32 dh_T, F32 dz, F32 v, F
   Cotangent ct;
   if (auto err = ReadCotangent("elman", d_hs, dz, v, T, B, H, &ct); err.failure()) return err;
   std::memcpy(dh0->typed_data(), dh_T.typed_data(), sizeof(float) * B * H);
-  std::vector<float> rows(2 * (size_t)B * H), wc = PackColumns(w.typed_data(), H, H);
+  std::vector<float> wc = PackColumns(w.typed_data(), H, H);
   ElmanBwd x{(int)B, (int)H, hs.typed_data(), ct.d_hs, dh0->typed_data()};
   Block none[4] = {}, d[4];
   Blocks(d_t->typed_data(), 1, H, T, B, /*gate_major=*/true, d);
   WithActivation(activation, [&](auto act) {
     constexpr int64_t kAct = decltype(act)::value;
     BackwardLoop<false>(pool, (int)T, (int)B, (int)H, (int)H, wc.data(), 0, none, 1, d,
-                        rows.data(), x.dh, db->typed_data(), Threads(threads, pool, H),
+                        x.dh, db->typed_data(), Threads(threads, pool, H),
                         [&](int t, int u, int b0, int b1, const Rows (&)[4], float* rows) {
                           ElmanBwdGates<kAct>(x, t, u, b0, b1, rows);
                         },
