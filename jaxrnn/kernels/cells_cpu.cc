@@ -708,13 +708,14 @@ inline void PrefetchL2(const float* p) { __builtin_prefetch(p, 0, 2); }
 // The backward loop shared by the cells: for every step, from the last, each thread takes the
 // 16-unit chunks of its `Part` in turn: reads the chunk's `nres` residual blocks `res` (GetBlock,
 // into its own [4][B, 16] scratch `tile` where they are gate-major), computes their `nd` blocks of
-// gate gradients for its rows [b0, b1) into the step's `[B, nd H]` block of `rows` [2][B, nd H]
-// (`gates(t, u, b0, b1, res, rows)`), and writes those columns transposed into the gradient
-// blocks `d` (gate-major [H, T, B] each: where the residuals are gate-major too, the same buffers,
-// over what was just read). Then (split by units, after a barrier: the block complete; by rows
+// gate gradients for its rows [b0, b1) into the step's `[B, nd H]` block of `rows` (slot t % 2 of
+// [2][B, nd H]; below 16 rows, t % 16 of [16][B, nd H]) (`gates(t, u, b0, b1, res, rows)`), and
+// writes those columns transposed into the gradient blocks `d` (gate-major [H, T, B] each: where
+// the residuals are gate-major too, the same buffers, over what was just read; below 16 rows
+// every 16 steps, StoreSteps). Then (split by units, after a barrier: the block complete; by rows
 // where `ByRows` says so for W and the readout's V) its part of `dh_{t-1}` += the block's first G
-// columns times W. Two blocks in turn: a thread may start step t-1's gates while the other still
-// reads step t's.
+// columns times W. Two blocks or more in turn: a thread may start step t-1's gates while the
+// other still reads step t's.
 // The gradients are rolled by one step: step t's go to column t - 1 of `d` and step 0's to column
 // T - 1, so that the weight gradients multiply `hs` as it is, where `h_{t-1}` is a shifted copy of
 // it (26 MB per large step). Where the residuals are gate-major, `d` has their buffers, and column
