@@ -374,17 +374,18 @@ def test_lowered_for_gpu_the_same_function_is_the_scan(cell):
 
 
 def test_one_and_two_threads_give_identical_results():
-  """Two threads split the hidden units (16 rows) or the rows (32 rows, in groups of 16; the
-  biases' sums are added per group, in group order); every number is computed by the same code
-  as with one thread."""
+  """Two threads split the hidden units (3 and 16 rows; at 3 rows over 34 steps the backward
+  writes each thread's units 16 steps at a time from the ring of step blocks) or the rows (32
+  rows, in groups of 16; the biases' sums are added per group, in group order); every number is
+  computed by the same code as with one thread."""
   code = """
 import jax, numpy as np
 from jaxrnn import kernels
 from jaxrnn.cells import elman, gru, lstm
 outs = []
-for b in (16, 32):
+for b, t in ((3, 34), (16, 6), (32, 6)):
   p = lstm().init(jax.random.key(0), 8, 64)
-  xs = jax.random.normal(jax.random.key(1), (6, b, 8))
+  xs = jax.random.normal(jax.random.key(1), (t, b, 8))
   z = np.zeros((b, 64), np.float32)
   hs, cs, s = kernels.lstm_forward(xs, p["U"], p["W"], p["b"] + p["bh"], z, z)
   d_a, *d = kernels.lstm_backward(p["W"], s, cs, z, jax.numpy.ones_like(hs), z, z)

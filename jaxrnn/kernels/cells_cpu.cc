@@ -547,7 +547,8 @@ inline void StoreSteps(const float* ring, int ld, int g0, int B, int T, int c0, 
   const size_t slot = (size_t)B * ld;
   if (B == 1 && c1 - c0 == kLanes) {
     vf m[kLanes];
-    for (int s = 0; s < kLanes; ++s) m[s] = load(ring + (size_t)((c0 + s + 1) % kLanes) * slot + g0);
+    for (int s = 0; s < kLanes; ++s)
+      m[s] = load(ring + (size_t)((c0 + s + 1) % kLanes) * slot + g0);
     Transpose16(m);
     for (int l = 0; l < kLanes; ++l) store(d_t + (size_t)(out_g0 + l) * T + c0, m[l]);
     return;
