@@ -339,6 +339,43 @@ def test_falls_back_to_the_scan_where_the_kernel_does_not_apply(case, monkeypatc
 
 
 @pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_residuals_past_32_mb_written_with_streaming_stores_are_the_scans(cell):
+  """Past 32 MB of gate-major residuals the forward writes them with non-temporal stores
+  (`kStreamMinBytes` in cells_cpu.cc): the residuals and states are still the scan's, and the
+  backward, which reads them, still gives the scan backward's gradients."""
+  b, t, d, h = 16, 2100, 2, 64
+  assert 4 * 4 * h * t * b > 32 * 2**20 and kernels.gate_major(b)
+  params, xs, h0, c0 = _inputs(cell, b, t, d, h)
+  xs = 0.5 * xs
+  out = jax.jit(functools.partial(_forward, cell))(params, xs, h0, c0)
+  a, carry0, saved = _scan(cell, params, xs, h0, c0)
+  np.testing.assert_allclose(out[0], saved.carries[0], rtol=0, atol=5e-6)
+  residuals = _joined(out[-1], b)
+  if cell == "lstm":
+    want = saved.res
+  else:
+    s, n, rec_n = saved.res
+    want = jnp.concatenate([s[..., :2 * h], n, rec_n], axis=-1)
+  np.testing.assert_allclose(residuals, want, rtol=0, atol=5e-6)
+  d_hs = jax.random.normal(jax.random.key(1), (t, b, h))
+  d_T = tuple(jnp.zeros((b, h)) for _ in carry0)
+  _, want_da, want_dcarry = recurrent_scan_bwd(CELLS[cell], params, a, carry0, None, saved, d_hs,
+                                               d_T)
+  if cell == "lstm":
+    d_pieces, *d_carry, _ = jax.jit(kernels.lstm_backward)(params["W"], out[-1], out[1], c0, d_hs,
+                                                           *d_T)
+    d_a = _unroll(jnp.concatenate(d_pieces))
+  else:
+    d_pieces, *d_carry, _ = jax.jit(kernels.gru_backward)(params["W"], out[-1], out[0], h0, d_hs,
+                                                          *d_T)
+    d_t = _unroll(jnp.concatenate(d_pieces))
+    d_a = jnp.concatenate([d_t[:2 * h], d_t[3 * h:]])
+  assert rel_err(jnp.transpose(d_a, (1, 2, 0)), want_da) < 1e-5
+  for got, want in zip(d_carry, want_dcarry):
+    assert rel_err(got, want) < 1e-5
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
 def test_the_backward_writes_its_gradients_over_the_forward_residuals(cell):
   """The gradient's temporaries hold one set of gate-major gate arrays (four `[H, T, B]`), not
   two: the backward's outputs take the buffers of the forward's residual gates

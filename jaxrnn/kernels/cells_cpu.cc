@@ -41,6 +41,10 @@
 #include <sys/mman.h>
 #endif
 
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
+
 #include <algorithm>
 #include <atomic>
 #include <chrono>
@@ -70,6 +74,26 @@ inline vf load(const float* p) {
 }
 
 inline void store(float* p, vf v) { std::memcpy(p, &v, sizeof(v)); }
+
+// A store that bypasses the caches (non-temporal) where p is 64-byte aligned, for whole lines not
+// read again soon: no read-for-ownership of the line first. Weakly ordered: made visible to other
+// threads by the writer's next `Fence` (each participant of `Parallel` ends with one).
+inline void stream(float* p, vf v) {
+#if defined(__AVX512F__)
+  if (((uintptr_t)p & 63) == 0) {
+    __m512 m;
+    std::memcpy(&m, &v, sizeof(v));
+    return _mm512_stream_ps(p, m);
+  }
+#endif
+  store(p, v);
+}
+
+inline void Fence() {
+#if defined(__x86_64__)
+  _mm_sfence();
+#endif
+}
 
 inline vf splat(float x) { return vf{x, x, x, x, x, x, x, x, x, x, x, x, x, x, x, x}; }
 
@@ -203,6 +227,7 @@ void Parallel(Pool& pool, int threads, F body) {
   if (threads <= 1) {
     SpinBarrier single(1);
     body(0, 1, single);
+    Fence();
     return;
   }
   struct Join {
@@ -232,6 +257,7 @@ void Parallel(Pool& pool, int threads, F body) {
       PinnedTo pin(join->cpus[v + 1]);
       join->pinned.fetch_add(1, std::memory_order_release);
       (*join->body)(v + 1, n, *join->barrier);
+      Fence();
     }
     join->done.fetch_add(1, std::memory_order_release);
   };
@@ -268,6 +294,7 @@ void Parallel(Pool& pool, int threads, F body) {
     // the calls).
     SpinThenYield([&] { return join->pinned.load(std::memory_order_acquire) == k; });
     body(0, 1 + k, barrier);
+    Fence();
   }
   while (join->done.load(std::memory_order_acquire) != k) sched_yield();  // helpers finishing
   for (auto& t : join->fallback) t.join();
@@ -567,6 +594,7 @@ inline void StoreSteps(const float* ring, int ld, int g0, int B, int T, int c0, 
 // twice after the loop (for dW and for dU: 5.8 ms of a 48 ms LSTM char-LM step); this is one pass
 // over L1 here. With `total`, the columns' sums over the rows are added to its columns
 // [out_g0, out_g0 + 16).
+template <bool kStream = false>
 inline void StoreTransposed(const float* rows, int ld, int g0, int b0, int b1, int B, int T,
                             int t, int out_g0, float* d_t, const Totals* total = nullptr) {
   const size_t stride = (size_t)T * B;
@@ -581,7 +609,10 @@ inline void StoreTransposed(const float* rows, int ld, int g0, int b0, int b1, i
       total->Add(b, out_g0, sum[0] + sum[1]);
     }
     Transpose16(m);
-    for (int l = 0; l < kLanes; ++l) store(dst + l * stride + b, m[l]);
+    for (int l = 0; l < kLanes; ++l) {
+      if constexpr (kStream) stream(dst + l * stride + b, m[l]);
+      else store(dst + l * stride + b, m[l]);
+    }
   }
   if (b == b1) return;
   if (total) AddRowSums(rows, ld, g0, b, b1, out_g0, *total);
@@ -652,10 +683,26 @@ inline Rows GetBlock(const Block& k, int T, int B, int t, int u, int b0, int b1,
 }
 
 inline void PutBlock(const Block& k, const float* stage, int T, int B, int t, int u, int b0,
-                     int b1) {
+                     int b1, bool streaming) {
+  if (k.ld == 0 && streaming)
+    return StoreTransposed<true>(stage, kLanes, 0, b0, b1, B, T, t, u, k.base);
   if (k.ld == 0) return StoreTransposed(stage, kLanes, 0, b0, b1, B, T, t, u, k.base);
   for (int b = b0; b < b1; ++b)
     store(k.base + ((size_t)t * B + b) * k.ld + u, load(stage + (size_t)b * kLanes));
+}
+
+// Whether the forward writes its gate-major residuals with non-temporal stores (`stream`): where
+// all of them pass 32 MB, the size above which they come as one array per block (`Blocks`), they
+// are read back only in the backward, long after, so a normal store's read-for-ownership of each
+// fresh line is wasted, and the lines evict the weights from L2. On the eleventh session's Intel
+// Xeon, whole training steps, alternating fresh processes, four pairs of 20-step medians: GRU large
+// 369-377 -> 340-353 ms, LSTM large 463-477 -> 449-482. Not below: there the backward reads them
+// while they are still in cache, and the eighth session's LSTM char-LM (17 MB) and medium steps
+// measured no faster with every residual streamed (experiments/PERF_NOTES.md).
+constexpr size_t kStreamMinBytes = size_t{32} << 20;
+
+inline bool StreamResiduals(const Block& first, int nres, int T, int B, int H) {
+  return nres > 0 && first.ld == 0 && sizeof(float) * nres * H * (size_t)T * B > kStreamMinBytes;
 }
 
 // The forward loop shared by the cells: for every step, each thread runs `tile(R, t, r0, j, stage)`
@@ -669,6 +716,7 @@ template <typename Pool, typename Tile>
 void ForwardLoop(Pool& pool, int T, int B, int H, int threads, int64_t weight_floats, int nres,
                  const Block (&res)[4], Tile tile) {
   const bool by_rows = ByRows(threads, B, weight_floats);
+  const bool streaming = StreamResiduals(res[0], nres, T, B, H);
   Parallel(pool, threads, [&](int p, int n, SpinBarrier& barrier) {
     const Part part = PartOf(by_rows, H / kLanes, B, n, p);
     std::vector<float> stage(4 * (size_t)B * kLanes);
@@ -678,7 +726,7 @@ void ForwardLoop(Pool& pool, int T, int B, int H, int threads, int64_t weight_fl
         RowTiles(part.b0, part.b1, [&](auto rows, int r) { tile(rows, t, r, j, stage.data()); });
         for (int blk = 0; blk < nres; ++blk)
           PutBlock(res[blk], stage.data() + (size_t)blk * B * kLanes, T, B, t, j * kLanes,
-                   part.b0, part.b1);
+                   part.b0, part.b1, streaming);
       }
     }
   });
