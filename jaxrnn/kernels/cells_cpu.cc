@@ -477,14 +477,15 @@ constexpr int kBwdBlockK = 128;
 
 // One thread's part of the recurrent GEMM, units [16 j0, 16 j1) of the rows [b0, b1) (`Part`), in
 // RowTiles x 64-unit tiles: column groups outer, then blocks of kBwdBlockK rows of W, rows of dh
-// inner.
-template <bool kAdd>
+// inner. After each block, between(s, S) for the blocks s = 0 .. S - 1.
+template <bool kAdd, typename Between>
 void BwdGemm(const float* d_rec, int ld, int G, const float* W, int H, float* dh,
-             const Part& part) {
+             const Part& part, Between between) {
   const int j0 = part.j0, j1 = part.j1;
-  for (int j = j0; j < j1; j += 4) {
+  const int kblocks = (G + kBwdBlockK - 1) / kBwdBlockK, S = (j1 - j0 + 3) / 4 * kblocks;
+  for (int j = j0, s = 0; j < j1; j += 4) {
     const int nv = std::min(4, j1 - j);
-    for (int g0 = 0; g0 < G; g0 += kBwdBlockK) {
+    for (int g0 = 0; g0 < G; g0 += kBwdBlockK, ++s) {
       const int g1 = std::min(G, g0 + kBwdBlockK);
       const bool add = kAdd || g0 > 0;
       RowTiles(part.b0, part.b1, [&](auto rows, int r) {
@@ -494,8 +495,15 @@ void BwdGemm(const float* d_rec, int ld, int G, const float* W, int H, float* dh
           for (int q = 0; q < nv; ++q)
             BwdTile<R, 1>(d_rec, ld, G, W, H, dh, r, j + q, g0, g1, add);
       });
+      between(s, S);
     }
   }
+}
+
+template <bool kAdd>
+void BwdGemm(const float* d_rec, int ld, int G, const float* W, int H, float* dh,
+             const Part& part) {
+  BwdGemm<kAdd>(d_rec, ld, G, W, H, dh, part, [](int, int) {});
 }
 
 // One stage of a 16 x 16 transpose in registers: rows i and i + D (bit D of i clear) exchange
@@ -777,11 +785,13 @@ inline void PrefetchL2(const float* p) { __builtin_prefetch(p, 0, 2); }
 // `Totals`): after the loop XLA's reduction read the whole gradient array again, on one thread
 // while the other began the weights' GEMM, which then waited for it (the LSTM char-LM step: 0.3 ms
 // of reduction and 1.2 ms of an idle core).
-// After its gates each thread prefetches what the same units will read first at step t - 1: the
-// rows of `ahead` and, gate-major, step t - 2's residuals (which step t - 1 moves into `saved`).
-// Both lie strided in memory (a row of B per unit, T B floats apart; rows H floats apart), a
-// pattern the hardware prefetchers do not follow: without this, the char-LM LSTM's loop waited on
-// these loads for about a third of its gate phase.
+// Spread over its part of each step's GEMM (after each block of it), each thread prefetches what
+// its units will read first at step t - 1: the rows of `ahead` and, gate-major, step t - 2's
+// residuals (which step t - 1 moves into `saved`). Both lie strided in memory (a row of B per
+// unit, T B floats apart; rows H floats apart), a pattern the hardware prefetchers do not follow:
+// without this, the char-LM LSTM's loop waited on these loads for about a third of its gate
+// phase. Issued all at once after each chunk's gates, the prefetches themselves stalled the gate
+// phase (a fifth of its samples in the large LSTM's step, on the instructions after them).
 template <bool kAdd, typename Pool, typename Gates>
 void BackwardLoop(Pool& pool, int T, int B, int H, int G, const float* W, int nres,
                   const Block (&res)[4], int nd, const Block (&d)[4], float* dh,
@@ -816,13 +826,6 @@ void BackwardLoop(Pool& pool, int T, int B, int H, int G, const float* W, int nr
         if (major && t > 0)
           for (int blk = 0; blk < nres; ++blk)
             LoadGateMajor(res[blk].base, T, B, t - 1, u, b0, b1, sv + blk * tile_floats);
-        if (const int ta = t - 1 + ahead.shift; ahead.rows && t > 0 && ta >= 0)
-          for (int b = b0; b < b1; ++b) PrefetchL2(ahead.rows + ((size_t)ta * B + b) * H + u);
-        if (major && t > 1)
-          for (int blk = 0; blk < nres; ++blk)
-            for (int l = 0; l < kLanes; ++l)
-              for (int b = b0; b < b1; b += kLanes)
-                PrefetchL2(res[blk].base + ((size_t)(u + l) * T + t - 2) * B + b);
         for (int blk = 0; blk < nd; ++blk) {
           const Totals total{totals.data() + (size_t)blk * H, (size_t)ld};
           if (!ring || t == 0) {
@@ -836,7 +839,22 @@ void BackwardLoop(Pool& pool, int T, int B, int H, int G, const float* W, int nr
         }
       }
       if (!by_rows) barrier.Wait();
-      BwdGemm<kAdd>(block, ld, G, W, H, dh, part);
+      // What step t - 1 reads first, a share after each block of the GEMM: the lines of item i,
+      // the thread's chunk i / per_chunk and residual block i % per_chunk.
+      const int ta = t - 1 + ahead.shift, per_chunk = major ? nres : 1;
+      const int items = (j1 - j0) * per_chunk;
+      auto prefetch = [&](int s, int S) {
+        for (int i = items * s / S; i < items * (s + 1) / S; ++i) {
+          const int u = (j0 + i / per_chunk) * kLanes, blk = i % per_chunk;
+          if (blk == 0 && ahead.rows && t > 0 && ta >= 0)
+            for (int b = b0; b < b1; ++b) PrefetchL2(ahead.rows + ((size_t)ta * B + b) * H + u);
+          if (major && t > 1)
+            for (int l = 0; l < kLanes; ++l)
+              for (int b = b0; b < b1; b += kLanes)
+                PrefetchL2(res[blk].base + ((size_t)(u + l) * T + t - 2) * B + b);
+        }
+      };
+      BwdGemm<kAdd>(block, ld, G, W, H, dh, part, prefetch);
       if (ro.dz && t > 0)
         BwdGemm<true>(ro.dz + (size_t)(t - 1) * B * ro.O, ro.O, ro.O, ro.vc, H, dh, part);
     }
