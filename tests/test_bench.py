@@ -28,7 +28,13 @@ def test_tiny_run_writes_the_documented_json(tmp_path):
   report = json.loads(out.read_text())
   assert report["complete"] is True
   assert report["machine"]["device"] == "cpu" and report["machine"]["jax_backend"] == "cpu"
-  assert report["matmul_gflops"] > 0
+  # The matmul rate at the start and after each of the two cases; the reported one their median.
+  samples = report["matmul_gflops_samples"]
+  assert len(samples) == 3 and min(samples) > 0
+  assert report["matmul_gflops"] == sorted(samples)[1]
+  assert (f"matmul: {sorted(samples)[1]:.1f} GFLOP/s (median of 3 measurements, at the start and "
+          f"after each case: {min(samples):.1f}-{max(samples):.1f}; at the start "
+          f"{samples[0]:.1f})") in md.read_text()
   rows = report["results"]
   assert sorted((r["cell"], r["impl"]) for r in rows) == [
       ("elman", "jaxrnn"), ("elman", "jaxrnn-autodiff"), ("lstm", "jaxrnn"),

@@ -25,7 +25,11 @@ GFLOP/s from the analytic count of `peers.step_flops` (matmuls only: forward
 `F = 2 B T (G H (D + H) + H O)` with `G` = 1 / 4 / 3 gate blocks for elman / lstm / gru, and the
 step counted as `3 F`), and, with `--measure-memory`, peak RSS. Per (cell, config): the ratio
 `ms(fastest peer) / ms(jaxrnn)`, so > 1 means jaxrnn's default (manual BPTT) path is faster.
-Also measured once: the JAX float32 2048^3 matmul rate, the machine's practical peak.
+Also measured: the JAX float32 2048^3 matmul rate, the machine's practical peak, at the start and
+again after each (cell, config), reported as the median of those measurements (`matmul_gflops`,
+with each of them in `matmul_gflops_samples`): measured once at the start, it caught whatever
+phase the machine was in for that second (258 and 315 GFLOP/s in two runs of the same code an hour
+apart on the eleventh session's Intel Xeon, whose step times agreed within 3-8%).
 
 Memory (`--measure-memory`): each implementation runs alone in a fresh subprocess that imports its
 framework, builds, makes the first call and 3 more steps; `peak_rss_mb` is that process's peak
@@ -507,7 +511,7 @@ def markdown(report: dict, impls: list[str]) -> str:
       *_device_lines(machine),
       "- versions: " + ", ".join(f"{k} {v}" for k, v in machine["versions"].items() if v),
       f"- JAX float32 {machine.get('matmul_n', 2048)}^3 matmul: {report['matmul_gflops']:.1f} "
-      "GFLOP/s",
+      f"GFLOP/s{_peak_spread(report.get('matmul_gflops_samples', []))}",
       f"- protocol: {report['protocol']}",
       f"- host malloc (every implementation, same process): {machine.get('host_malloc')}",
       "- step = forward over the sequence + per-step readout + loss + BPTT + Adam(1e-3), float32.",
@@ -579,12 +583,16 @@ def main(argv=None) -> None:
   # A GPU needs a bigger product to reach its rate; the CPU's 2048^3 is kept for comparability.
   matmul_n = 8192 if args.device == "cuda" else 2048
   machine["matmul_n"] = matmul_n
-  gflops = float("nan")
-  try:
-    gflops = matmul_gflops(matmul_n)
-    print(f"JAX float32 {matmul_n}^3 matmul: {gflops:.1f} GFLOP/s", flush=True)
-  except Exception as exc:  # noqa: BLE001
-    print(f"matmul benchmark failed: {_short_error(exc)}")
+  peaks = []  # the matmul rate at the start and after each case
+
+  def measure_peak():
+    try:
+      peaks.append(matmul_gflops(matmul_n))
+      print(f"JAX float32 {matmul_n}^3 matmul: {peaks[-1]:.1f} GFLOP/s", flush=True)
+    except Exception as exc:  # noqa: BLE001
+      print(f"matmul benchmark failed: {_short_error(exc)}")
+
+  measure_peak()
   warm_jax()
   if "torch" in args.impls:
     try:
@@ -599,7 +607,8 @@ def main(argv=None) -> None:
   def make_report(complete=False):
     return {
         "machine": machine,
-        "matmul_gflops": gflops,
+        "matmul_gflops": statistics.median(peaks) if peaks else float("nan"),
+        "matmul_gflops_samples": peaks,
         "protocol": (f"JAX warmed up first (warm_jax); {args.repeats} interleaved repeats of "
                      f"~{args.target_s} s per impl, each after {args.settle} untimed step(s), "
                      "median; "
@@ -624,6 +633,7 @@ def main(argv=None) -> None:
         if s["ratio"] is not None:
           print(f"  jaxrnn {s['jaxrnn_ms']:.2f} ms/step; fastest peer {s['fastest_peer']} "
                 f"{s['fastest_peer_ms']:.2f} ms/step; ratio {s['ratio']:.2f}", flush=True)
+      measure_peak()
       if args.json:  # what is measured so far, in case the run is cut short
         _write(args.json, json.dumps(make_report(), indent=2))
 
@@ -636,6 +646,14 @@ def main(argv=None) -> None:
   for path, content in ((args.json, json.dumps(report, indent=2)), (args.markdown, text)):
     if path:
       _write(path, content)
+
+
+def _peak_spread(samples: list[float]) -> str:
+  """How the matmul rate was measured through the run, for the markdown's header."""
+  if len(samples) < 2:
+    return ""
+  return (f" (median of {len(samples)} measurements, at the start and after each case: "
+          f"{min(samples):.1f}-{max(samples):.1f}; at the start {samples[0]:.1f})")
 
 
 def _write(path: str, content: str) -> None:
