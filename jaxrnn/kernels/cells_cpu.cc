@@ -700,13 +700,13 @@ inline void PutBlock(const Block& k, const float* stage, int T, int B, int t, in
 }
 
 // Whether the forward writes its gate-major residuals with non-temporal stores (`stream`): where
-// all of them pass 32 MB, the size above which they come as one array per block (`Blocks`), they
-// are read back only in the backward, long after, so a normal store's read-for-ownership of each
-// fresh line is wasted, and the lines evict the weights from L2. On the eleventh session's Intel
-// Xeon, whole training steps, alternating fresh processes, four pairs of 20-step medians: GRU large
-// 369-377 -> 340-353 ms, LSTM large 463-477 -> 449-482. Not below: there the backward reads them
-// while they are still in cache, and the eighth session's LSTM char-LM (17 MB) and medium steps
-// measured no faster with every residual streamed (experiments/PERF_NOTES.md).
+// all of them pass 32 MB (about where they come as one array per block, `jaxrnn.kernels.pieces`),
+// they are read back only in the backward, long after, so a normal store's read-for-ownership of
+// each fresh line is wasted, and the lines evict the weights from L2. On the eleventh session's
+// Intel Xeon, whole training steps, alternating fresh processes, four pairs of 20-step medians:
+// GRU large 369-377 -> 340-353 ms, LSTM large 463-477 -> 449-482. Not below: there the backward
+// reads them while they are still in cache, and the eighth session's LSTM char-LM (17 MB) and
+// medium steps measured no faster with every residual streamed (experiments/PERF_NOTES.md).
 constexpr size_t kStreamMinBytes = size_t{32} << 20;
 
 inline bool StreamResiduals(const Block& first, int nres, int T, int B, int H) {
