@@ -39,6 +39,10 @@ def test_library_builds_here():
 # B = 1, and a partial last group).
 SHAPES = [(3, 7, 5, 16), (1, 9, 1, 48), (17, 6, 3, 64), (19, 4, 3, 32), (32, 5, 7, 128),
           (35, 4, 3, 32), (1, 37, 2, 32), (3, 34, 2, 16)]
+# Past 32 MB of gate-major residuals (4 blocks x 4 bytes x H T B) the forward writes them with
+# non-temporal stores (`kStreamMinBytes` in cells_cpu.cc), which the backward then reads.
+STREAMED = (16, 2100, 2, 64)
+assert 4 * 4 * 64 * 2100 * 16 > 32 * 2**20 and kernels.gate_major(STREAMED[0])
 
 
 CELLS = {"lstm": lstm(), "gru": gru()}
@@ -69,6 +73,14 @@ def _scan(cell, params, xs, h0, c0):
   return a, carry0, recurrent_scan(CELLS[cell], params, a, carry0)[2]
 
 
+def _piece_rows(cell, b, t, h):
+  """The rows of the pieces a loop keeps its residual or gradient blocks in: one array (the GRU's
+  as 3H | H), or, where the four blocks pass `HEAP_LIMIT_BYTES`, one array per block."""
+  if 4 * 4 * h * t * b > kernels.HEAP_LIMIT_BYTES:
+    return [h] * 4
+  return [4 * h] if cell == "lstm" else [3 * h, h]
+
+
 def _joined(pieces, b):
   """A loop's residual or gradient pieces as one time-major `[T, B, 4H]` array."""
   if kernels.gate_major(b):
@@ -77,7 +89,7 @@ def _joined(pieces, b):
 
 
 @pytest.mark.parametrize("cell", ["lstm", "gru"])
-@pytest.mark.parametrize("b,t,d,h", SHAPES)
+@pytest.mark.parametrize("b,t,d,h", SHAPES + [STREAMED])
 def test_forward_matches_numpy_reference(cell, b, t, d, h):
   params, xs, h0, c0 = _inputs(cell, b, t, d, h)
   out = jax.jit(functools.partial(_forward, cell))(params, xs, h0, c0)
@@ -91,8 +103,8 @@ def test_forward_matches_numpy_reference(cell, b, t, d, h):
   # gate-major ([4H, T, B], the GRU's as [3H | H, T, B]) from 16 rows on.
   _, _, saved = _scan(cell, params, xs, h0, c0)
   residuals = _joined(out[-1], b)
-  assert [k.shape[0 if kernels.gate_major(b) else -1] for k in out[-1]] == (
-      [4 * h] if cell == "lstm" else [3 * h, h])
+  rows = [k.shape[0 if kernels.gate_major(b) else -1] for k in out[-1]]
+  assert rows == _piece_rows(cell, b, t, h)
   assert residuals.shape == (t, b, 4 * h)
   if cell == "lstm":
     np.testing.assert_allclose(residuals, saved.res, rtol=0, atol=2e-6)  # g as sigmoid(2z)
@@ -110,7 +122,7 @@ def _unroll(d_t):
 
 
 @pytest.mark.parametrize("cell", ["lstm", "gru"])
-@pytest.mark.parametrize("b,t,d,h", SHAPES)
+@pytest.mark.parametrize("b,t,d,h", SHAPES + [STREAMED])
 def test_backward_matches_scan_backward(cell, b, t, d, h):
   params, xs, h0, c0 = _inputs(cell, b, t, d, h)
   a, carry0, saved = _scan(cell, params, xs, h0, c0)
@@ -124,7 +136,8 @@ def test_backward_matches_scan_backward(cell, b, t, d, h):
     _, _, s = _forward(cell, params, xs, h0, c0)
     d_pieces, *d_carry, db = jax.jit(kernels.lstm_backward)(params["W"], s, saved.carries[1], c0,
                                                             d_hs, *d_T)
-    assert [d.shape for d in d_pieces] == [(4 * h, t, b)]  # gate-major, whatever b
+    # gate-major, whatever b
+    assert [d.shape for d in d_pieces] == [(r, t, b) for r in _piece_rows(cell, b, t, h)]
     d_t = _unroll(jnp.concatenate(d_pieces))
     d_a, d_rec_rows = d_t, d_t
     want_sums = {"b": d_rec["b"], "bh": d_rec["bh"]}
@@ -133,7 +146,7 @@ def test_backward_matches_scan_backward(cell, b, t, d, h):
     _, res = _forward(cell, params, xs, h0, c0)
     d_pieces, *d_carry, sums = jax.jit(kernels.gru_backward)(params["W"], res, saved.carries[0],
                                                              h0, d_hs, *d_T)
-    assert [d.shape for d in d_pieces] == [(3 * h, t, b), (h, t, b)]
+    assert [d.shape for d in d_pieces] == [(r, t, b) for r in _piece_rows(cell, b, t, h)]
     d_t = _unroll(jnp.concatenate(d_pieces))                # d_r | d_z | d_n r | d_n
     d_a = jnp.concatenate([d_t[:2 * h], d_t[3 * h:]])
     d_rec_rows = d_t[:3 * h]
@@ -336,43 +349,6 @@ def test_falls_back_to_the_scan_where_the_kernel_does_not_apply(case, monkeypatc
     text = _grads(spec, backward, **kw).lower(params, xs, None, ys).as_text()
   assert not _custom_calls(text)
   assert "while" in text  # the lax.scan loops
-
-
-@pytest.mark.parametrize("cell", ["lstm", "gru"])
-def test_residuals_past_32_mb_written_with_streaming_stores_are_the_scans(cell):
-  """Past 32 MB of gate-major residuals the forward writes them with non-temporal stores
-  (`kStreamMinBytes` in cells_cpu.cc): the residuals and states are still the scan's, and the
-  backward, which reads them, still gives the scan backward's gradients."""
-  b, t, d, h = 16, 2100, 2, 64
-  assert 4 * 4 * h * t * b > 32 * 2**20 and kernels.gate_major(b)
-  params, xs, h0, c0 = _inputs(cell, b, t, d, h)
-  xs = 0.5 * xs
-  out = jax.jit(functools.partial(_forward, cell))(params, xs, h0, c0)
-  a, carry0, saved = _scan(cell, params, xs, h0, c0)
-  np.testing.assert_allclose(out[0], saved.carries[0], rtol=0, atol=5e-6)
-  residuals = _joined(out[-1], b)
-  if cell == "lstm":
-    want = saved.res
-  else:
-    s, n, rec_n = saved.res
-    want = jnp.concatenate([s[..., :2 * h], n, rec_n], axis=-1)
-  np.testing.assert_allclose(residuals, want, rtol=0, atol=5e-6)
-  d_hs = jax.random.normal(jax.random.key(1), (t, b, h))
-  d_T = tuple(jnp.zeros((b, h)) for _ in carry0)
-  _, want_da, want_dcarry = recurrent_scan_bwd(CELLS[cell], params, a, carry0, None, saved, d_hs,
-                                               d_T)
-  if cell == "lstm":
-    d_pieces, *d_carry, _ = jax.jit(kernels.lstm_backward)(params["W"], out[-1], out[1], c0, d_hs,
-                                                           *d_T)
-    d_a = _unroll(jnp.concatenate(d_pieces))
-  else:
-    d_pieces, *d_carry, _ = jax.jit(kernels.gru_backward)(params["W"], out[-1], out[0], h0, d_hs,
-                                                          *d_T)
-    d_t = _unroll(jnp.concatenate(d_pieces))
-    d_a = jnp.concatenate([d_t[:2 * h], d_t[3 * h:]])
-  assert rel_err(jnp.transpose(d_a, (1, 2, 0)), want_da) < 1e-5
-  for got, want in zip(d_carry, want_dcarry):
-    assert rel_err(got, want) < 1e-5
 
 
 @pytest.mark.parametrize("cell", ["lstm", "gru"])

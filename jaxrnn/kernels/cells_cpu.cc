@@ -692,9 +692,9 @@ inline Rows GetBlock(const Block& k, int T, int B, int t, int u, int b0, int b1,
 
 inline void PutBlock(const Block& k, const float* stage, int T, int B, int t, int u, int b0,
                      int b1, bool streaming) {
-  if (k.ld == 0 && streaming)
-    return StoreTransposed<true>(stage, kLanes, 0, b0, b1, B, T, t, u, k.base);
-  if (k.ld == 0) return StoreTransposed(stage, kLanes, 0, b0, b1, B, T, t, u, k.base);
+  if (k.ld == 0)
+    return streaming ? StoreTransposed<true>(stage, kLanes, 0, b0, b1, B, T, t, u, k.base)
+                     : StoreTransposed<false>(stage, kLanes, 0, b0, b1, B, T, t, u, k.base);
   for (int b = b0; b < b1; ++b)
     store(k.base + ((size_t)t * B + b) * k.ld + u, load(stage + (size_t)b * kLanes));
 }
