@@ -384,6 +384,25 @@ inline void AccumulateOne(vf (&acc)[R][4], const float* src, int K, int k, const
   }
 }
 
+// How many steps of k (rows of the packed weights) ahead the tiles of 4 rows or more prefetch
+// their weights into L1. A 16-unit chunk of the large LSTM's packed U and W (160 KB) does not stay
+// in L1 between its row tiles, nor each thread's share of them (2.6 MB) in L2 between steps, and
+// the hardware prefetchers left the forward tile waiting on its weight loads (its hottest
+// instructions in `perf annotate`). The backward's tile keeps its K block in L1 and misses only in
+// its first row tile. On the twelfth session's Intel Xeon, alternating fresh processes, rounds of
+// 15-step medians: forward, LSTM large step 433-517 -> 393-412 ms (8 ahead 410-445, 16 ahead
+// 397-422), GRU large 341-415 -> 326-385 (8 ahead); then the backward's, LSTM large backward loop
+// alone 144-150 -> 141-154 ms, LSTM char-LM's 13.7-15.4 -> 12.8-14.8, GRU large step 325-352 ->
+// 320-341 (experiments/PERF_NOTES.md).
+constexpr int kPrefetchAhead = 12;
+
+// Prefetches into L1 the line `floats` floats after p, which may lie past the end of p's array
+// (the address is formed as an integer: a prefetch never faults).
+inline void PrefetchL1(const float* p, size_t floats) {
+  __builtin_prefetch(reinterpret_cast<const void*>(reinterpret_cast<uintptr_t>(p) +
+                                                   floats * sizeof(float)), 0, 3);
+}
+
 // The same summed over k < K: one tile of the step's GEMM. One row alone (B = 1) has only NB
 // chains of K dependent FMAs, 4 cycles each, where two FMAs issue per cycle: there the odd k go to
 // a second set of accumulators, added at the end (GRU small forward loop 5% faster).
@@ -399,7 +418,11 @@ inline void Accumulate(vf (&acc)[R][4], const float* src, int K, const float* w)
     }
     for (int b = 0; b < 4; ++b) acc[0][b] += odd[0][b];  // blocks not written are 0 in odd
   }
-  for (; k < K; ++k, w += NB * kLanes) AccumulateOne<R, T0, T1, T2, T3>(acc, src, K, k, w);
+  for (; k < K; ++k, w += NB * kLanes) {
+    if constexpr (R >= 4)  // past the end: the next chunk's (or U's) first rows, which come next
+      for (int b = 0; b < NB; ++b) PrefetchL1(w, (kPrefetchAhead * NB + b) * kLanes);
+    AccumulateOne<R, T0, T1, T2, T3>(acc, src, K, k, w);
+  }
 }
 
 // Calls tile(std::integral_constant<int, R>{}, r) over the rows [b0, b1) of a step's GEMM: tiles of
@@ -448,6 +471,8 @@ inline void BwdTile(const float* d_rec, int ld, int G, const float* Wc, int H, f
     for (int v = 0; v < NV; ++v) acc[0][v] = (part[0][v] + part[1][v]) + (part[2][v] + part[3][v]);
   }
   for (; g < g1; ++g, w += kLanes) {
+    if constexpr (R >= 4)  // past g1: the next K block's first rows
+      for (int v = 0; v < NV; ++v) PrefetchL1(w, ((size_t)v * G + kPrefetchAhead) * kLanes);
     vf wv[NV];
     for (int v = 0; v < NV; ++v) {
       wv[v] = load(w + (size_t)v * G * kLanes);
