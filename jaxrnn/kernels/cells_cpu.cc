@@ -95,6 +95,19 @@ inline void Fence() {
 #endif
 }
 
+// Into L1, for the GEMM tiles' weights (`kPrefetchAhead`): the line `floats` floats after p,
+// which may lie past the end of p's array (the address is formed as an integer: a prefetch never
+// faults).
+inline void PrefetchL1(const float* p, size_t floats) {
+  __builtin_prefetch(reinterpret_cast<const void*>(reinterpret_cast<uintptr_t>(p) +
+                                                   floats * sizeof(float)), 0, 3);
+}
+
+// Into L2, for what the backward loops read first at the next step (`BackwardLoop`): one step
+// ahead a line arrives long before it is read (a step is tens of microseconds), and the thread's
+// lines of one step (80 KB for the char-LM LSTM) would not all stay in L1.
+inline void PrefetchL2(const float* p) { __builtin_prefetch(p, 0, 2); }
+
 inline vf splat(float x) { return vf{x, x, x, x, x, x, x, x, x, x, x, x, x, x, x, x}; }
 
 // exp(x) to ~1 ulp over the float range: Cody-Waite reduction by ln 2 and Cephes' polynomial.
@@ -396,13 +409,6 @@ inline void AccumulateOne(vf (&acc)[R][4], const float* src, int K, int k, const
 // 320-341 (experiments/PERF_NOTES.md).
 constexpr int kPrefetchAhead = 12;
 
-// Prefetches into L1 the line `floats` floats after p, which may lie past the end of p's array
-// (the address is formed as an integer: a prefetch never faults).
-inline void PrefetchL1(const float* p, size_t floats) {
-  __builtin_prefetch(reinterpret_cast<const void*>(reinterpret_cast<uintptr_t>(p) +
-                                                   floats * sizeof(float)), 0, 3);
-}
-
 // The same summed over k < K: one tile of the step's GEMM. One row alone (B = 1) has only NB
 // chains of K dependent FMAs, 4 cycles each, where two FMAs issue per cycle: there the odd k go to
 // a second set of accumulators, added at the end (GRU small forward loop 5% faster).
@@ -471,7 +477,7 @@ inline void BwdTile(const float* d_rec, int ld, int G, const float* Wc, int H, f
     for (int v = 0; v < NV; ++v) acc[0][v] = (part[0][v] + part[1][v]) + (part[2][v] + part[3][v]);
   }
   for (; g < g1; ++g, w += kLanes) {
-    if constexpr (R >= 4)  // past g1: the next K block's first rows
+    if constexpr (R >= 4)  // past g1: the next K block's (or column group's) first rows
       for (int v = 0; v < NV; ++v) PrefetchL1(w, ((size_t)v * G + kPrefetchAhead) * kLanes);
     vf wv[NV];
     for (int v = 0; v < NV; ++v) {
@@ -782,10 +788,6 @@ struct Ahead {
   const float* rows = nullptr;
   int shift = 0;
 };
-
-// Into L2: one step ahead a line arrives long before it is read (a step is tens of microseconds),
-// and the thread's lines of one step (80 KB for the char-LM LSTM) would not all stay in L1.
-inline void PrefetchL2(const float* p) { __builtin_prefetch(p, 0, 2); }
 
 // The backward loop shared by the cells: for every step, from the last, each thread takes the
 // 16-unit chunks of its `Part` in turn: reads the chunk's `nres` residual blocks `res` (GetBlock,
