@@ -425,7 +425,10 @@ inline void Accumulate(vf (&acc)[R][4], const float* src, int K, const float* w)
     for (int b = 0; b < 4; ++b) acc[0][b] += odd[0][b];  // blocks not written are 0 in odd
   }
   for (; k < K; ++k, w += NB * kLanes) {
-    if constexpr (R >= 4)  // past the end: the next chunk's (or U's) first rows, which come next
+    // In the last kPrefetchAhead rows this runs past K, into the next chunk's rows (or past the
+    // array), which the tile does not read next (it goes on to U, or to the next row tile's W):
+    // those few lines are wasted, and the measurements behind kPrefetchAhead include them.
+    if constexpr (R >= 4)
       for (int b = 0; b < NB; ++b) PrefetchL1(w, (kPrefetchAhead * NB + b) * kLanes);
     AccumulateOne<R, T0, T1, T2, T3>(acc, src, K, k, w);
   }
