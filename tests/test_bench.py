@@ -48,6 +48,12 @@ def test_tiny_run_writes_the_documented_json(tmp_path):
     assert len(r["ms_per_step_repeats"]) == 2
     assert r["loss_check"] == "ok"
   assert "| elman | tiny |" in md.read_text()
+  # The native kernels are loaded (or built) before the first case, and that is reported apart.
+  native = report["machine"]["native_kernels"]
+  assert native["available"] is True and native["error"] is None
+  assert os.path.isfile(native["path"]) and native["load_s"] >= 0
+  assert native["built_s"] is None or native["built_s"] > 0
+  assert "- native kernels: " in md.read_text() and "before the first case" in md.read_text()
   if os.path.exists("/proc/cpuinfo"):  # the CPU's generation, which a VM's model name may hide
     with open("/proc/cpuinfo") as f:
       family = next(line.split(":")[1].strip() for line in f if line.startswith("cpu family"))

@@ -10,6 +10,7 @@ import os
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -729,18 +730,21 @@ def test_build_is_cached_and_keyed_by_the_source(tmp_path, monkeypatch):
   """A fresh cache directory gets one library, built once; a changed source gets another."""
   code = ("import sys; from jaxrnn import kernels; from pathlib import Path; "
           "kernels._SOURCE = Path(sys.argv[1]); "
-          "print(kernels.library() is not None, kernels.build_error())")
+          "print(kernels.library() is not None, kernels.library_info()['built_s'] is not None, "
+          "kernels.library_info()['path'])")
   src = tmp_path / "cells_cpu.cc"
   src.write_text(kernels._SOURCE.read_text())
   env = dict(os.environ, JAXRNN_CACHE_DIR=str(tmp_path / "cache"))
   run = lambda: subprocess.run([sys.executable, "-c", code, str(src)], env=env,
-                               capture_output=True, text=True, check=True).stdout.split()[0]
-  assert run() == "True"
-  assert len(list((tmp_path / "cache").glob("*.so"))) == 1
-  assert run() == "True"
+                               capture_output=True, text=True, check=True).stdout.split()
+  loaded, built, path = run()
+  assert (loaded, built) == ("True", "True")  # compiled by this process
+  assert list((tmp_path / "cache").glob("*.so")) == [Path(path)]
+  assert run() == ["True", "False", path]  # the same file, from the cache
   assert len(list((tmp_path / "cache").glob("*.so"))) == 1
   src.write_text(kernels._SOURCE.read_text() + "\n// changed\n")
-  assert run() == "True"
+  loaded, built, other = run()
+  assert (loaded, built) == ("True", "True") and other != path
   assert len(list((tmp_path / "cache").glob("*.so"))) == 2
   assert not list((tmp_path / "cache").glob("*.tmp"))  # no half-built leftovers
 
@@ -763,4 +767,15 @@ def test_no_compiler_or_no_cache_means_no_kernel_and_a_reason(tmp_path):
   env = dict(os.environ, JAXRNN_NATIVE="0")
   out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
                        check=True).stdout
-  assert out.splitlines()[0] == "True"
+  assert out.splitlines() == ["True", "turned off by JAXRNN_NATIVE=0"]
+
+
+def test_the_build_command_reports_the_library_or_why_not(tmp_path):
+  """`python -m jaxrnn.kernels` builds ahead of the first step; here the cache already has it."""
+  assert kernels.library() is not None, kernels.build_error()
+  done = subprocess.run([sys.executable, "-m", "jaxrnn.kernels"], capture_output=True, text=True)
+  assert done.returncode == 0, done.stderr
+  assert f"{kernels.library_info()['path']} (found in the cache;" in done.stdout
+  done = subprocess.run([sys.executable, "-m", "jaxrnn.kernels"], capture_output=True, text=True,
+                        env=dict(os.environ, JAXRNN_NATIVE="0"))
+  assert done.returncode == 1 and "not available (turned off by JAXRNN_NATIVE=0)" in done.stderr

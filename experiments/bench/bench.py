@@ -267,6 +267,34 @@ def warm_jax() -> None:
   jax.block_until_ready(step(params, opt.init(params), jnp.ones((5, 2, 3)), jnp.ones((5, 2, 2))))
 
 
+def warm_native() -> dict:
+  """Load jaxrnn's native CPU kernels before the first case, compiling them first where the disk
+  cache has no build for this machine (`python -m jaxrnn.kernels`), and say what that took.
+
+  The build is once per machine (about 14 s on the 2-core AMD EPYC of the fourteenth session),
+  not per shape or process: left to the first call, it would land on whichever case runs first
+  (jaxrnn's Elman small: 16.9 s instead of 0.4). It is reported on its own instead:
+  `{"available", "path", "built_s" (None: from the cache), "load_s", "error"}`."""
+  from jaxrnn import kernels
+  start = time.perf_counter()
+  available = kernels.library() is not None
+  info = kernels.library_info() or {}
+  return {"available": available, "path": info.get("path"), "built_s": info.get("built_s"),
+          "load_s": time.perf_counter() - start,
+          "error": None if available else kernels.build_error()}
+
+
+def _native_line(native: dict) -> str:
+  """The markdown header's line on the native kernels' build."""
+  if not native.get("available"):
+    return f"- native kernels: not available ({native.get('error')}); jaxrnn ran through lax.scan"
+  how = ("loaded from the disk cache" if native.get("built_s") is None
+         else f"compiled for this machine in {native['built_s']:.1f} s (once per machine, then "
+              "cached on disk)")
+  return (f"- native kernels: {how}, before the first case, so that no first call includes it "
+          f"({native['load_s']:.1f} s in all)")
+
+
 # ----------------------------------------------------------------------------------------------
 # One (cell, config).
 
@@ -514,6 +542,7 @@ def markdown(report: dict, impls: list[str]) -> str:
       f"GFLOP/s{_peak_spread(report.get('matmul_gflops_samples', []))}",
       f"- protocol: {report['protocol']}",
       f"- host malloc (every implementation, same process): {machine.get('host_malloc')}",
+      *([_native_line(machine["native_kernels"])] if "native_kernels" in machine else []),
       "- step = forward over the sequence + per-step readout + loss + BPTT + Adam(1e-3), float32.",
       "- GFLOP/s count matmul FLOPs only: 3 x 2 B T (G H (D + H) + H O), G = 1/4/3 for "
       "elman/lstm/gru.",
@@ -594,6 +623,9 @@ def main(argv=None) -> None:
 
   measure_peak()
   warm_jax()
+  if any(impl.startswith("jaxrnn") for impl in args.impls) and args.device == "cpu":
+    machine["native_kernels"] = warm_native()
+    print(_native_line(machine["native_kernels"])[2:], flush=True)
   if "torch" in args.impls:
     try:
       import torch

@@ -26,6 +26,7 @@ import shutil
 import subprocess
 import tempfile
 import threading
+import time
 from pathlib import Path
 from typing import Optional
 
@@ -78,6 +79,7 @@ def library() -> Optional[ctypes.CDLL]:
 
 def _load() -> Optional[ctypes.CDLL]:
   if os.environ.get("JAXRNN_NATIVE", "1") == "0":
+    _errors.append("turned off by JAXRNN_NATIVE=0")
     return None
   if not hasattr(jax, "ffi") or not hasattr(jax.ffi, "include_dir"):
     _errors.append(f"jax {jax.__version__} has no jax.ffi (needs a newer jax)")
@@ -94,12 +96,16 @@ def _load() -> Optional[ctypes.CDLL]:
     key.update(part)
   target = _cache_dir() / f"jaxrnn_kernels_{key.hexdigest()[:16]}.so"
   try:
+    built_s = None
     if not target.exists():
+      start = time.perf_counter()
       _build(cxx, include, target)
+      built_s = time.perf_counter() - start
     lib = ctypes.cdll.LoadLibrary(str(target))
   except (OSError, subprocess.SubprocessError, RuntimeError) as e:
     _errors.append(f"{type(e).__name__}: {e}")
     return None
+  _info.update(path=str(target), built_s=built_s)
   for symbol in _TARGETS:  # JaxrnnLstmForward -> jaxrnn_lstm_forward
     name = "jaxrnn" + "".join("_" + c.lower() if c.isupper() else c for c in symbol[6:])
     jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(getattr(lib, symbol)), platform="cpu")
@@ -107,6 +113,7 @@ def _load() -> Optional[ctypes.CDLL]:
 
 
 _errors: list[str] = []
+_info: dict = {}  # where the loaded library is, and how long this process spent building it
 
 
 def _build(cxx: str, include: str, target: Path) -> None:
@@ -129,6 +136,13 @@ def _build(cxx: str, include: str, target: Path) -> None:
 def build_error() -> Optional[str]:
   """Why `library()` is None (None if it is not, or was not tried)."""
   return _errors[-1] if _errors else None
+
+
+def library_info() -> Optional[dict]:
+  """`{"path": str, "built_s": float | None}` for the library `library()` loaded: its file, and
+  the seconds this process spent compiling it (None: it came from the disk cache, built by an
+  earlier process). None where no library is loaded (not tried yet, or unavailable)."""
+  return dict(_info) if _loaded and _loaded[0] is not None else None
 
 
 def threads_for(batch: int, hidden: int) -> int:
