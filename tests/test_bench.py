@@ -54,6 +54,9 @@ def test_tiny_run_writes_the_documented_json(tmp_path):
   assert os.path.isfile(native["path"]) and native["load_s"] >= 0
   assert native["built_s"] is None or native["built_s"] > 0
   assert "- native kernels: " in md.read_text() and "before the first case" in md.read_text()
+  if os.path.exists("/proc/stat"):  # each case's steal time, a column of the ms table
+    assert all(0 <= s["steal_pct"] <= 100 for s in report["summary"])
+    assert "| fastest peer | ratio | steal % |" in md.read_text()
   if os.path.exists("/proc/cpuinfo"):  # the CPU's generation, which a VM's model name may hide
     with open("/proc/cpuinfo") as f:
       family = next(line.split(":")[1].strip() for line in f if line.startswith("cpu family"))
@@ -134,11 +137,30 @@ def test_jax_is_warmed_up_before_the_first_implementation_is_built(monkeypatch, 
   real_warm = bench.warm_jax
   monkeypatch.setattr(bench, "matmul_gflops", lambda n: 1.0)
   monkeypatch.setattr(bench, "warm_jax", lambda: (real_warm(), events.append("warm")))
+  real_native = bench.warm_native
+  monkeypatch.setattr(bench, "warm_native", lambda: events.append("native") or real_native())
   monkeypatch.setattr(bench, "bench_case",
                       lambda cell, config, args, log=print: events.append((cell, config)) or [])
   bench.main(["--cells", "elman,gru", "--configs", "tiny", "--impls", "jaxrnn",
               "--json", str(tmp_path / "b.json")])
-  assert events == ["warm", ("elman", "tiny"), ("gru", "tiny")]
+  # The native kernels too: their once-per-machine build is reported apart, in no first call.
+  assert events == ["warm", "native", ("elman", "tiny"), ("gru", "tiny")]
+  events.clear()
+  bench.main(["--cells", "elman", "--configs", "tiny", "--impls", "haiku",
+              "--json", str(tmp_path / "c.json")])
+  assert events == ["warm", ("elman", "tiny")]  # no jaxrnn implementation: nothing to load
+
+
+def test_steal_time_is_the_hypervisors_share_of_the_cpus_time_between_two_readings(tmp_path):
+  import bench
+  assert bench.steal_pct({"total": 1000, "steal": 10}, {"total": 1400, "steal": 30}) == 5.0
+  assert bench.steal_pct({"total": 1000, "steal": 10}, {"total": 1000, "steal": 10}) is None
+  assert bench.steal_pct(None, {"total": 1, "steal": 0}) is None
+  if os.path.exists("/proc/stat"):
+    with open("/proc/stat") as f:
+      fields = [int(v) for v in f.readline().split()[1:]]
+    now = bench.cpu_times()
+    assert now["total"] >= sum(fields[:8]) and now["steal"] >= fields[7]
 
 
 def test_first_calls_run_after_a_collection_with_the_collector_off(monkeypatch):

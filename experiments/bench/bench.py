@@ -299,6 +299,29 @@ def _native_line(native: dict) -> str:
 # One (cell, config).
 
 
+def cpu_times() -> dict | None:
+  """The machine's CPU time so far, in clock ticks, from the first line of /proc/stat: `total`
+  and `steal` (time the hypervisor ran something else while this guest's CPUs had work; 0 on bare
+  metal). None where there is no /proc/stat."""
+  try:
+    with open("/proc/stat") as f:
+      fields = [int(v) for v in f.readline().split()[1:]]
+  except (OSError, ValueError):
+    return None
+  # user nice system idle iowait irq softirq steal guest guest_nice; guest time is inside user.
+  return {"total": sum(fields[:8]), "steal": fields[7] if len(fields) > 7 else 0}
+
+
+def steal_pct(before: dict | None, after: dict | None) -> float | None:
+  """The share of the CPUs' time between two `cpu_times` that the hypervisor took, in %. On the
+  project's KVM guest the native loops' calls are bimodal: in the slow ones one thread's step
+  stalls for ~7 ms, a stall the guest's scheduler never sees (experiments/PERF_NOTES.md), so a
+  case that ran in such a phase says so here."""
+  if not before or not after or after["total"] <= before["total"]:
+    return None
+  return 100.0 * (after["steal"] - before["steal"]) / (after["total"] - before["total"])
+
+
 def _short_error(exc: BaseException) -> str:
   text = f"{type(exc).__name__}: {exc}".strip().splitlines()
   return text[0][:300] if text else type(exc).__name__
@@ -547,15 +570,19 @@ def markdown(report: dict, impls: list[str]) -> str:
       "- GFLOP/s count matmul FLOPs only: 3 x 2 B T (G H (D + H) + H O), G = 1/4/3 for "
       "elman/lstm/gru.",
       "- ratio = ms(fastest peer) / ms(jaxrnn): > 1 means jaxrnn (manual BPTT) is faster.",
+      "- steal % (Linux guests): the share of the CPUs' time the hypervisor took during the case "
+      "(/proc/stat), every implementation's.",
       "- '(!)' marks an implementation whose loss did not decrease over the warm-up steps; "
       "'—' an implementation that does not exist for the cell.",
       "",
   ]
 
+  steal = any(s.get("steal_pct") is not None for s in report["summary"])
+
   def table(title, key, fmt, with_ratio=False):
     header = ["cell", "config", *impls]
     if with_ratio:
-      header += ["fastest peer", "ratio"]
+      header += ["fastest peer", "ratio"] + (["steal %"] if steal else [])
     out = [f"## {title}", "", "| " + " | ".join(header) + " |",
            "|" + "|".join(["---"] * 2 + ["---:"] * (len(header) - 2)) + "|"]
     for cell, config in cases:
@@ -564,6 +591,8 @@ def markdown(report: dict, impls: list[str]) -> str:
         s = summaries.get((cell, config), {})
         cells += [s.get("fastest_peer") or "—",
                   f"{s['ratio']:.2f}" if s.get("ratio") is not None else "—"]
+        if steal:
+          cells.append(f"{s['steal_pct']:.1f}" if s.get("steal_pct") is not None else "—")
       out.append("| " + " | ".join([cell, config, *cells]) + " |")
     return out + [""]
 
@@ -657,14 +686,17 @@ def main(argv=None) -> None:
       print(f"{cell}/{config} (B={cfg.batch} T={cfg.time} D={cfg.input} H={cfg.hidden} "
             f"O={cfg.output} {cfg.loss}; {peers.step_flops(cell, cfg) / 1e9:.2f} GFLOP/step)",
             flush=True)
+      before = cpu_times()
       rows = bench_case(cell, config, args, log=lambda s: print(s, flush=True))
       results += rows
       if rows:
         s = summarize(rows)
+        s["steal_pct"] = steal_pct(before, cpu_times())
         summary.append(s)
         if s["ratio"] is not None:
+          steal = "" if s["steal_pct"] is None else f"; steal {s['steal_pct']:.1f}%"
           print(f"  jaxrnn {s['jaxrnn_ms']:.2f} ms/step; fastest peer {s['fastest_peer']} "
-                f"{s['fastest_peer_ms']:.2f} ms/step; ratio {s['ratio']:.2f}", flush=True)
+                f"{s['fastest_peer_ms']:.2f} ms/step; ratio {s['ratio']:.2f}{steal}", flush=True)
       measure_peak()
       if args.json:  # what is measured so far, in case the run is cut short
         _write(args.json, json.dumps(make_report(), indent=2))
