@@ -726,26 +726,39 @@ def test_bad_shapes_are_rejected_by_the_kernel():
                          jnp.ones((t, b, h)), state)
 
 
-def test_build_is_cached_and_keyed_by_the_source(tmp_path, monkeypatch):
-  """A fresh cache directory gets one library, built once; a changed source gets another."""
+def test_build_is_cached_and_keyed_by_the_source(tmp_path):
+  """A fresh cache directory gets one library, built once; a changed source gets another.
+
+  The compiler here is a stand-in that logs each call and copies this process's library to the
+  output it is given (a real build takes about 14 s; `test_library_builds_here` does one)."""
+  assert kernels.library() is not None, kernels.build_error()
+  calls = tmp_path / "calls.txt"
+  fake = tmp_path / "fake-c++"
+  fake.write_text("#!/bin/sh\n"
+                  f"echo \"$*\" >> {calls}\n"
+                  "while [ \"$1\" != -o ]; do shift; done\n"
+                  f"cp {kernels.library_info()['path']} \"$2\"\n")
+  fake.chmod(0o755)
   code = ("import sys; from jaxrnn import kernels; from pathlib import Path; "
           "kernels._SOURCE = Path(sys.argv[1]); "
           "print(kernels.library() is not None, kernels.library_info()['built_s'] is not None, "
           "kernels.library_info()['path'])")
   src = tmp_path / "cells_cpu.cc"
   src.write_text(kernels._SOURCE.read_text())
-  env = dict(os.environ, JAXRNN_CACHE_DIR=str(tmp_path / "cache"))
+  env = dict(os.environ, JAXRNN_CACHE_DIR=str(tmp_path / "cache"), CXX=str(fake))
   run = lambda: subprocess.run([sys.executable, "-c", code, str(src)], env=env,
                                capture_output=True, text=True, check=True).stdout.split()
+  compiled = lambda: calls.read_text().splitlines() if calls.exists() else []
   loaded, built, path = run()
   assert (loaded, built) == ("True", "True")  # compiled by this process
   assert list((tmp_path / "cache").glob("*.so")) == [Path(path)]
-  assert run() == ["True", "False", path]  # the same file, from the cache
-  assert len(list((tmp_path / "cache").glob("*.so"))) == 1
+  assert len(compiled()) == 1 and str(src) in compiled()[0] and "-march=native" in compiled()[0]
+  assert run() == ["True", "False", path]  # the same file, from the cache: no compiler call
+  assert len(compiled()) == 1 and len(list((tmp_path / "cache").glob("*.so"))) == 1
   src.write_text(kernels._SOURCE.read_text() + "\n// changed\n")
   loaded, built, other = run()
   assert (loaded, built) == ("True", "True") and other != path
-  assert len(list((tmp_path / "cache").glob("*.so"))) == 2
+  assert len(compiled()) == 2 and len(list((tmp_path / "cache").glob("*.so"))) == 2
   assert not list((tmp_path / "cache").glob("*.tmp"))  # no half-built leftovers
 
 
