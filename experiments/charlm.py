@@ -59,7 +59,7 @@ MODEL_TAG = "jaxrnn.charlm"
 CONFIG_VERSION = 1
 CELLS = ("lstm", "gru", "elman", "mingru")
 MODES = ("windows", "tbptt")
-HOST_MALLOC = ("default", "hugepages")
+HOST_MALLOC = ("default", *host_memory.MODES)
 MATMUL_DTYPES = {"float32": None, "bfloat16": jnp.bfloat16}
 BACKWARDS = ("manual", "autodiff")
 DEFAULT_CORPUS = Path(__file__).resolve().parent / "data" / "tinyshakespeare.txt"
@@ -460,10 +460,11 @@ def train_parser() -> argparse.ArgumentParser:
                       "On a CPU the float32 LSTM/GRU run the native loops, faster than bfloat16 "
                       "through the scan (about 50,000 vs 39,600 chars/s on the default model)")
   p.add_argument("--host-malloc", default="default",
-                 help="default | hugepages: back XLA's per-step CPU buffers with transparent huge "
-                      "pages (jaxrnn.host_memory; the script relaunches itself with "
-                      "GLIBC_TUNABLES=glibc.malloc.hugetlb=1). Same results; measured 36,100 -> "
-                      "40,600 chars/s on the default model")
+                 help="default | hugepages | keep: back XLA's per-step CPU buffers with "
+                      "transparent huge pages, or keep glibc's freed heaps in the process "
+                      "(jaxrnn.host_memory; the script relaunches itself with the GLIBC_TUNABLES "
+                      "of the mode). Same results; hugepages measured 36,100 -> 40,600 chars/s on "
+                      "the default model")
   p.add_argument("--eval-every", type=int, default=500, help="steps between validations")
   p.add_argument("--eval-windows", type=int, default=256,
                  help="validation windows in periodic evaluations (0 = all)")
@@ -509,10 +510,10 @@ def parse_train_args(argv) -> argparse.Namespace:
   common.check_choice("--schedule", args.schedule, ("cosine", "constant"))
   common.check_choice("--host-malloc", args.host_malloc, HOST_MALLOC)
   common.check_choice("--matmul-dtype", args.matmul_dtype, tuple(MATMUL_DTYPES))
-  if args.host_malloc == "hugepages" and not host_memory.huge_pages_requested():
+  if args.host_malloc != "default" and not host_memory.requested(args.host_malloc):
     raise ExperimentError(
-        "--host-malloc hugepages needs the process started with GLIBC_TUNABLES="
-        f"{host_memory.HUGE_PAGES_TUNABLE} (glibc reads it at start-up only): run "
+        f"--host-malloc {args.host_malloc} needs the process started with GLIBC_TUNABLES="
+        f"{':'.join(host_memory.MODES[args.host_malloc])} (glibc reads it at start-up only): run "
         "`python experiments/charlm.py ...` as a script, which relaunches itself with it, or set "
         "it in the environment.")
   common.check_positive(layers=args.layers, hidden=args.hidden, batch=args.batch, seq=args.seq,
@@ -925,6 +926,6 @@ def host_malloc_of(argv: list[str]) -> str:
 
 
 if __name__ == "__main__":
-  if host_malloc_of(sys.argv[1:]) == "hugepages":
-    host_memory.relaunch_with_huge_pages()  # returns at once in the relaunched process
+  if host_malloc_of(sys.argv[1:]) in host_memory.MODES:
+    host_memory.relaunch(host_malloc_of(sys.argv[1:]))  # returns at once when relaunched
   common.run_main(main)

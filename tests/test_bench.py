@@ -192,3 +192,15 @@ def test_first_calls_run_after_a_collection_with_the_collector_off(monkeypatch):
   assert [r for r, _, _ in seen] == [runners["jaxrnn"], runners["haiku"]]
   assert all(not enabled and young < 50 for _, enabled, young in seen), seen
   assert gc.isenabled()
+
+
+def test_the_report_names_the_host_malloc_mode(monkeypatch):
+  import bench
+  from jaxrnn import host_memory
+  monkeypatch.delenv("GLIBC_TUNABLES", raising=False)
+  assert bench._host_malloc_text() == "glibc defaults"
+  monkeypatch.setenv("GLIBC_TUNABLES", ":".join(host_memory.KEEP_HEAPS_TUNABLES))
+  assert bench._host_malloc_text().startswith("kept heaps (GLIBC_TUNABLES=glibc.malloc.mmap_")
+  monkeypatch.setenv("GLIBC_TUNABLES", host_memory.HUGE_PAGES_TUNABLE)
+  assert bench._host_malloc_text() == "huge pages (GLIBC_TUNABLES=glibc.malloc.hugetlb=1)"
+  assert bench.parse_args(["--host-malloc", "keep"]).host_malloc == "keep"

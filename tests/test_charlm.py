@@ -269,6 +269,11 @@ def test_host_malloc_hugepages_in_process_without_the_tunable(monkeypatch, tmp_p
                                 "--out", str(out)], capsys)
   assert_one_line_error(status, err, "GLIBC_TUNABLES=glibc.malloc.hugetlb=1")
   assert not out.exists()
+  status, err = run_in_process(["--quick", "--no-progress", "--host-malloc", "keep",
+                                "--out", str(out)], capsys)
+  assert_one_line_error(status, err, "--host-malloc keep needs the process started with "
+                        "GLIBC_TUNABLES=glibc.malloc.mmap_threshold=33554432:")
+  assert not out.exists()
 
 
 @pytest.mark.parametrize("argv, expected", [
@@ -276,6 +281,7 @@ def test_host_malloc_hugepages_in_process_without_the_tunable(monkeypatch, tmp_p
     (["train", "--cell", "gru", "--host-malloc=hugepages"], "hugepages"),
     (["sample", "--checkpoint", "x", "--host-malloc", "hugepages"], "default"),
     (["--host-malloc", "default", "--quick"], "default"),
+    (["--quick", "--host-malloc", "keep"], "keep"),
 ])
 def test_host_malloc_of(argv, expected):
   assert charlm.host_malloc_of(argv) == expected

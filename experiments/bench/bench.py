@@ -103,12 +103,14 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--device", choices=peers.DEVICES, default="cpu",
                  help="where every implementation runs: 'cpu' (JAX pinned to the CPU) or 'cuda' "
                       "(JAX's default backend must be a GPU; PyTorch on CUDA with cuDNN)")
-  p.add_argument("--host-malloc", choices=("default", "hugepages"), default="default",
+  p.add_argument("--host-malloc", choices=("default", *host_memory.MODES), default="default",
                  help="'default': glibc's defaults. 'hugepages': relaunch with GLIBC_TUNABLES="
                       "glibc.malloc.hugetlb=1 (jaxrnn.host_memory), so every step's big buffers "
-                      "fault in 2 MB rather than 4 KB at a time; applies to every implementation "
-                      "alike (measured erratic on the large shapes in this long multi-framework "
-                      "process; see experiments/PERF_NOTES.md)")
+                      "fault in 2 MB rather than 4 KB at a time (measured erratic on the large "
+                      "shapes in this long multi-framework process). 'keep': relaunch with "
+                      "glibc's mmap threshold, top pad and trim threshold set so that freed heaps "
+                      "stay in the process (jaxrnn.host_memory.KEEP_HEAPS_TUNABLES). Either "
+                      "applies to every implementation alike; see experiments/PERF_NOTES.md")
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--json", default=None, help="write the results as JSON here")
   p.add_argument("--markdown", default=None, help="write the tables as markdown here")
@@ -190,8 +192,7 @@ def machine_info() -> dict:
       "torch_threads": None,
       "xla_flags": os.environ.get("XLA_FLAGS"),
       "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
-      "host_malloc": (f"huge pages (GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES')})"
-                      if host_memory.huge_pages_requested() else "glibc defaults"),
+      "host_malloc": _host_malloc_text(),
       "loadavg_start": os.getloadavg() if hasattr(os, "getloadavg") else None,
       "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
   }
@@ -265,6 +266,15 @@ def warm_jax() -> None:
 
   params = {"U": jnp.ones((3, 4)), "W": jnp.eye(4), "b": jnp.zeros(4), "V": jnp.ones((4, 2))}
   jax.block_until_ready(step(params, opt.init(params), jnp.ones((5, 2, 3)), jnp.ones((5, 2, 2))))
+
+
+def _host_malloc_text() -> str:
+  """How glibc's malloc is set in this process, for the report."""
+  names = {"hugepages": "huge pages", "keep": "kept heaps"}
+  modes = [names[m] for m in host_memory.MODES if host_memory.requested(m)]
+  if not modes:
+    return "glibc defaults"
+  return f"{' and '.join(modes)} (GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES')})"
 
 
 def warm_native() -> dict:
@@ -619,10 +629,10 @@ def markdown(report: dict, impls: list[str]) -> str:
 
 def main(argv=None) -> None:
   args = parse_args(argv)
-  if args.host_malloc == "hugepages" and argv is None:
-    # Re-executes this command with the tunable (glibc reads it at start-up only); the relaunched
-    # process and the memory subprocesses inherit it.
-    host_memory.relaunch_with_huge_pages()
+  if args.host_malloc != "default" and argv is None:
+    # Re-executes this command with the tunables (glibc reads them at start-up only); the
+    # relaunched process and the memory subprocesses inherit them.
+    host_memory.relaunch(args.host_malloc)
   if args.memory_child:
     memory_child(args.memory_child)
     return
