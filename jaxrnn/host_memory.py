@@ -9,12 +9,13 @@ step page-faults the whole buffer in again, 4 KB at a time: measured on the proj
 
 `HUGE_PAGES_TUNABLE` asks glibc (2.35 or later) to `madvise` its memory for transparent huge pages
 (`GLIBC_TUNABLES=glibc.malloc.hugetlb=1`; `with_huge_pages` adds it to an environment), so the
-same buffers fault in 2 MB at a time, 512 times fewer faults. Measured (experiments/PERF_NOTES.md): LSTM large 410 -> 339 ms per step and
-100k -> 650 faults, GRU char-LM 50 -> 32 ms, small shapes unchanged, in a process training one
-model; in the benchmark's long process, where nine frameworks' buffers come and go, it was erratic
-on the large shapes, so measure it on your own job. It needs the kernel's
-transparent huge pages in `always` or `madvise` mode (`/sys/kernel/mm/transparent_hugepage/enabled`;
-`madvise` is the usual default) and does nothing otherwise.
+same buffers fault in 2 MB at a time, 512 times fewer faults. Measured
+(experiments/PERF_NOTES.md): LSTM large 410 -> 339 ms per step and 100k -> 650 faults, GRU
+char-LM 50 -> 32 ms, small shapes unchanged, in a process training one model; in the benchmark's
+long process, where nine frameworks' buffers come and go, it was erratic on the large shapes, so
+measure it on your own job. It needs the kernel's transparent huge pages in `always` or `madvise`
+mode (`/sys/kernel/mm/transparent_hugepage/enabled`; `madvise` is the usual default) and does
+nothing otherwise.
 
 `KEEP_HEAPS_TUNABLES` (mode "keep") keeps the freed memory in the process instead. Under
 `jaxrnn.train.COMPILER_OPTIONS` XLA packs a step's temporaries in blocks under 32 MiB, which glibc
@@ -29,7 +30,9 @@ caching allocators do. (The seventh session's `MALLOC_ARENA_MAX=1` variant remov
 but one malloc arena made small shapes up to 25% slower.)
 
 glibc reads tunables when a process starts, so this cannot be switched on from inside a running
-program. Either start Python with it::
+program (the "keep" settings made with `mallopt` in a running JAX process held only in part: the
+faults came back in 2-3 of the 7 calls after the heaps first existed). Either start Python with
+it::
 
   GLIBC_TUNABLES=glibc.malloc.hugetlb=1 python train.py
 
