@@ -71,7 +71,8 @@ def test_huge_pages_tunable_is_added_to_existing_tunables():
 # The gradient of three [24576, 256] x [256, 256] layers, compiled as the library compiles its
 # steps (`jit_step`: XLA's temporaries in blocks under 32 MiB, 96 MB in all): glibc serves them
 # from its arenas' heaps, and with its defaults deletes the extra heaps whenever a call frees them.
-# Prints the minor page faults of the last 3 of 10 calls; argv[1] == "keep" relaunches first.
+# Prints the median minor page faults per call over the last 10 of 16 calls (a median: a loaded
+# machine may fault one block again now and then); argv[1] == "keep" relaunches first.
 _KEEP_CHILD = textwrap.dedent("""
     import resource, sys
     import jaxrnn.host_memory as hm
@@ -85,11 +86,11 @@ _KEEP_CHILD = textwrap.dedent("""
     g = train.jit_step(jax.grad(f))
     a = jnp.full((24576, 256), 0.01, jnp.float32); w = jnp.eye(256, dtype=jnp.float32)
     faults = []
-    for _ in range(10):
+    for _ in range(16):
       before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
       g(a, w).block_until_ready()
       faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
-    print(hm.requested("keep"), sum(faults[-3:]))
+    print(hm.requested("keep"), sorted(faults[-10:])[5])
 """)
 
 
@@ -104,8 +105,8 @@ def test_keep_mode_stops_the_heaps_from_being_faulted_in_again():
     results[mode] = (requested == "True", int(faults))
   assert results["default"][0] is False and results["keep"][0] is True
   # glibc's defaults: a deleted heap's 64 MB mapped again and faulted in 4 KB at a time, in call
-  # after call (7k-43k faults per call measured); kept heaps: next to none once they exist.
-  assert results["default"][1] > 3 * 4096, results
+  # after call (7k-47k faults per call measured); kept heaps: none in most calls once they exist.
+  assert results["default"][1] > 4096, results
   assert results["keep"][1] * 20 < results["default"][1], results
 
 
