@@ -926,6 +926,7 @@ def host_malloc_of(argv: list[str]) -> str:
 
 
 if __name__ == "__main__":
-  if host_malloc_of(sys.argv[1:]) in host_memory.MODES:
-    host_memory.relaunch(host_malloc_of(sys.argv[1:]))  # returns at once when relaunched
+  mode = host_malloc_of(sys.argv[1:])
+  if mode in host_memory.MODES:
+    host_memory.relaunch(mode)  # returns at once in the relaunched process
   common.run_main(main)

@@ -88,8 +88,7 @@ def relaunch(mode: str) -> None:
   they are already set or the platform is not Linux (glibc); the relaunched process sees them and
   returns at once too, so it never loops.
   """
-  _tunables(mode)
-  if requested(mode) or not sys.platform.startswith("linux"):
+  if requested(mode) or not sys.platform.startswith("linux"):  # (requested checks `mode`)
     return
   sys.stdout.flush()
   sys.stderr.flush()

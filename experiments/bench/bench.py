@@ -309,12 +309,12 @@ def _native_line(native: dict) -> str:
 # One (cell, config).
 
 
-def cpu_times() -> dict | None:
+def cpu_times(path: str = "/proc/stat") -> dict | None:
   """The machine's CPU time so far, in clock ticks, from the first line of /proc/stat: `total`
   and `steal` (time the hypervisor ran something else while this guest's CPUs had work; 0 on bare
   metal). None where there is no /proc/stat."""
   try:
-    with open("/proc/stat") as f:
+    with open(path) as f:
       fields = [int(v) for v in f.readline().split()[1:]]
   except (OSError, ValueError):
     return None
